@@ -1,0 +1,66 @@
+"""What a backward mode receives from :func:`fixedpoint.solve`."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, replace
+from typing import Callable, Literal
+
+import torch
+
+from .._loop import LoopResult, run_loop
+from .._solution import Solution
+from ..solvers._base import Solver
+
+__all__ = ["Backward", "Forward"]
+
+
+@dataclass(frozen=True)
+class Forward:
+    """The validated forward options of one ``solve`` call."""
+
+    solver: Solver
+    max_steps: int
+    rtol: float
+    atol: float
+    check_every: int
+    trace: bool
+    on_nonfinite: Literal["report", "raise"]
+
+    @property
+    def early_stop(self) -> bool:
+        return self.rtol > 0 or self.atol > 0
+
+    def run(self, f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *, max_steps: int | None = None,
+            early_stop: bool | None = None) -> LoopResult:
+        """Solve without autograd with these options (``max_steps``/``early_stop`` overridable)."""
+        return run_loop(
+            f, z0, self.solver,
+            max_steps=self.max_steps if max_steps is None else max_steps,
+            rtol=self.rtol, atol=self.atol,
+            early_stop=self.early_stop if early_stop is None else early_stop,
+            check_every=self.check_every, trace=self.trace, on_nonfinite=self.on_nonfinite,
+        )
+
+    def with_(self, **changes: object) -> Forward:
+        return replace(self, **changes)
+
+
+def to_solution(result: LoopResult, z: torch.Tensor | None = None, extra_steps: int = 0) -> Solution:
+    """A :class:`Solution` from a loop result, optionally with the with-grad ``z`` and its step count."""
+    return Solution(
+        z=result.z if z is None else z, residual=result.residual, converged=result.converged,
+        status=result.status, num_steps=result.num_steps + extra_steps, trace=result.trace,
+    )
+
+
+class Backward(abc.ABC):
+    """A way to differentiate through a fixed-point solve.
+
+    Subclasses decide which steps run with autograd; the forward iterations always run through
+    :meth:`Forward.run`, without autograd.
+    """
+
+    @abc.abstractmethod
+    def solve(self, f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, forward: Forward) -> Solution:
+        """Solve ``z = f(z)`` from ``z0`` with the options in ``forward`` and attach this mode's gradient."""

@@ -1,0 +1,119 @@
+"""Solvers against closed forms: affine contractions, scale invariance, bounded memory, low precision."""
+
+import pytest
+import torch
+from problems import affine
+
+import fixedpoint as fp
+
+SOLVERS = [fp.Iteration(), fp.Iteration(damping=0.7), fp.Anderson(), fp.Anderson(memory=1), fp.Anderson(memory=20),
+           fp.Broyden(), fp.Broyden(memory=3)]
+
+
+@pytest.mark.parametrize("solver", SOLVERS, ids=repr)
+@pytest.mark.parametrize("rho", [0.3, 0.9, 0.99])
+def test_affine_contraction_matches_closed_form(solver, rho):
+    prob = affine(rho, batch=3, dim=24, symmetric_spectrum=not isinstance(solver, fp.Iteration))
+    sol = fp.solve(prob.f, torch.zeros_like(prob.x), solver=solver, rtol=1e-10, atol=0, max_steps=5000)
+    assert sol.converged.all()
+    assert (sol.status == fp.Status.CONVERGED).all()
+    # ||z - z*|| <= rho/(1-rho) * residual for the returned image; the residual met rtol * ||f(z)||.
+    err = (sol.z - prob.solution).norm(dim=1) / prob.solution.norm(dim=1)
+    assert (err <= 1e-10 * (1 + rho / (1 - rho)) * 1.01).all(), err
+    residual = (prob.f(sol.z) - sol.z).norm(dim=1)
+    assert (residual <= rho * sol.residual + 1e-12).all()  # the image of z_k is a better point than z_k
+
+
+@pytest.mark.parametrize("rho", [0.9, 0.99])
+def test_accelerated_solvers_beat_iteration(rho):
+    prob = affine(rho, batch=4, dim=64)
+    steps = {}
+    for name in ("iteration", "anderson", "broyden"):
+        sol = fp.solve(prob.f, torch.zeros_like(prob.x), solver=name, rtol=1e-6, atol=0, max_steps=5000)
+        assert sol.converged.all()
+        steps[name] = sol.num_steps
+    assert steps["anderson"] < steps["iteration"] / 2
+    assert steps["broyden"] < steps["iteration"] / 2
+
+
+@pytest.mark.parametrize("solver", ["anderson", "broyden", "iteration"])
+def test_step_count_invariant_to_input_scale(solver):
+    """Scaling the problem by 1e-3 must not change the steps (torchdeq's absolute ridge fails this, 113 -> 288)."""
+    prob = affine(0.9, batch=4, dim=64)
+    counts = []
+    for scale in (1.0, 1e-3, 1e3):
+        p = prob.scaled(scale)
+        sol = fp.solve(p.f, torch.zeros_like(p.x), solver=solver, rtol=1e-6, atol=0, max_steps=1000)
+        assert sol.converged.all()
+        counts.append(sol.num_steps)
+    assert counts[0] == counts[1] == counts[2], counts
+
+
+def test_anderson_mixes_from_first_step():
+    prob = affine(0.5, batch=2, dim=8)
+    z0 = torch.zeros_like(prob.x)
+    for max_steps in (1, 2, 8):
+        sol = fp.solve(prob.f, z0, solver="anderson", rtol=0, atol=0, max_steps=max_steps)
+        ref = fp.solve(prob.f, z0, solver="iteration", rtol=0, atol=0, max_steps=max_steps)
+        assert not torch.equal(sol.z, z0)
+        if max_steps <= 2:  # the first mix is a plain step: two applications agree with iteration
+            torch.testing.assert_close(sol.z, ref.z)
+    assert (sol.z - prob.solution).norm() < 0.1 * (ref.z - prob.solution).norm()
+
+
+@pytest.mark.parametrize("solver", [fp.Anderson(memory=5), fp.Broyden(memory=5)], ids=repr)
+def test_singular_history_does_not_crash(solver):
+    """A constant map converges in one step, after which every residual is exactly zero."""
+    c = torch.randn(3, 7, dtype=torch.float64)
+    sol = fp.solve(lambda z: c.clone(), torch.zeros_like(c), solver=solver, rtol=0, atol=0, max_steps=12)
+    assert torch.isfinite(sol.z).all()
+    torch.testing.assert_close(sol.z, c)
+    # duplicated history columns: a map that stalls, then moves again
+    prob = affine(0.8, batch=2, dim=6)
+    calls = [0]
+
+    def stalling(z):
+        calls[0] += 1
+        return z.clone() if 3 <= calls[0] <= 6 else prob.f(z)
+
+    sol = fp.solve(stalling, torch.zeros_like(prob.x), solver=solver, rtol=1e-9, atol=0, max_steps=500)
+    assert torch.isfinite(sol.z).all()
+
+
+@pytest.mark.parametrize("memory", [1, 2, 5])
+def test_broyden_bounded_memory_converges_on_linear_contractions(memory):
+    prob = affine(0.95, batch=4, dim=48)
+    sol = fp.solve(prob.f, torch.zeros_like(prob.x), solver=fp.Broyden(memory=memory), rtol=1e-9, atol=0,
+                   max_steps=3000)
+    assert sol.converged.all()
+    state = fp.Broyden(memory=memory).init(torch.zeros(4, 48))
+    assert state.u.shape == state.v.shape == (4, memory, 48)  # O(memory), not O(max_steps)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("solver", ["iteration", "anderson", "broyden"])
+def test_low_precision_states(solver, dtype):
+    prob = affine(0.7, batch=4, dim=32, dtype=torch.float32)
+    x = prob.x.to(dtype)
+    w = prob.w.to(dtype)
+    sol = fp.solve(lambda z: z @ w.T + x, torch.zeros_like(x), solver=solver, rtol=2e-2, atol=0, max_steps=200)
+    assert sol.z.dtype == dtype
+    assert sol.residual.dtype == torch.float32
+    assert sol.converged.all()
+    err = (sol.z.float() - prob.solution).norm(dim=1) / prob.solution.norm(dim=1)
+    assert (err < 0.1).all(), err
+
+
+@pytest.mark.parametrize("bad", [
+    lambda: fp.Iteration(damping=0.0), lambda: fp.Iteration(damping=1.5), lambda: fp.Anderson(memory=0),
+    lambda: fp.Anderson(memory=2.5), lambda: fp.Anderson(regularization=-1.0), lambda: fp.Anderson(damping=2),
+    lambda: fp.Broyden(memory=0), lambda: fp.Broyden(memory=True),
+])
+def test_solver_options_are_checked(bad):
+    with pytest.raises(ValueError, match="must be"):
+        bad()
+
+
+def test_unknown_solver_option_is_a_type_error():
+    with pytest.raises(TypeError, match="mem"):
+        fp.Anderson(mem=3)
