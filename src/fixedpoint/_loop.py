@@ -94,7 +94,6 @@ def run_loop(
 
     best_fz = torch.empty_like(z)
     best_res = torch.full((batch,), float("inf"), dtype=algebra_dtype(dtype), device=z.device)
-    best_tol = torch.zeros_like(best_res)
     nonfinite = torch.zeros(batch, dtype=torch.bool, device=z.device)
     num_steps = 0
     for k in range(max_steps):
@@ -107,16 +106,15 @@ def run_loop(
         if k == 0:
             best_fz.copy_(fz)  # a sample that is non-finite from the start returns its (non-finite) first image
         torch.where(better[:, None], fz, best_fz, out=best_fz)
-        torch.where(better, atol + rtol * _norm(fz), best_tol, out=best_tol)
         torch.where(better, res, best_res, out=best_res)
         nonfinite |= ~torch.isfinite(res)
         last = k == max_steps - 1
         if last or (k + 1) % check_every == 0:
-            if bool(((best_res <= best_tol) | nonfinite).all()):  # the one host-device sync
+            converged = best_res <= atol + rtol * _norm(best_fz)
+            if bool((converged | nonfinite).all()):  # the one host-device sync
                 break
         if not last:
             z = solver.step(state, z, fz, k)
-    converged = best_res <= best_tol
     nonfinite &= ~converged
     if on_nonfinite == "raise":
         _raise_if_nonfinite(nonfinite, num_steps)

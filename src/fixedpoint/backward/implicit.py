@@ -6,8 +6,6 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-from torch.autograd.function import once_differentiable
-
 from .._solution import Solution
 from ..solvers._base import Solver
 from ._base import Backward, Forward, to_solution
@@ -37,8 +35,12 @@ class _ImplicitGradient(torch.autograd.Function):
         return z_star.clone()
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        if torch.is_grad_enabled():
+            # create_graph=True: the adjoint solve would enter the new graph as a constant and second-order
+            # terms through it would be silently dropped, so refuse rather than return a wrong derivative.
+            raise RuntimeError("Implicit: backward with create_graph=True (double backward) through an implicit "
+                               "gradient is not supported; use JFB or StochasticJFB for higher-order derivatives")
         fz, z_in = ctx.fz, ctx.z_in
 
         def adjoint_map(u: torch.Tensor) -> torch.Tensor:  # u -> u J + g
@@ -55,8 +57,8 @@ class Implicit(Backward):
 
     The forward solve runs without autograd; one more application ``f(z*)`` is recorded, and in the backward
     pass the adjoint ``u = u J + g`` is solved to the given tolerance, giving the exact gradient up to the
-    residuals of both solves. The returned value is ``z*`` itself. Memory: one activation of ``f``. Double
-    backward (``create_graph=True``) is not supported and raises.
+    residuals of both solves. The returned value is ``z*`` itself. Memory: one activation of ``f``. A backward
+    with ``create_graph=True`` raises ``RuntimeError`` (second-order terms through the adjoint are not supported).
 
     Args:
         solver: adjoint solver (an instance or a name); ``None`` uses the forward's.

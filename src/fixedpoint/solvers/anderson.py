@@ -87,5 +87,6 @@ class Anderson(Solver):
         plain = torch.zeros_like(alpha)
         plain[:, i] = 1.0
         alpha = torch.where(ok[:, None, None], alpha, plain).transpose(1, 2)  # (B, 1, n)
-        mixed = torch.bmm(alpha, state.x[:, :n] + self.damping * state.g[:, :n]).squeeze(1)  # (B, D)
+        mixed = torch.bmm(alpha, state.x[:, :n])  # (B, 1, D)
+        mixed = torch.baddbmm(mixed, alpha, state.g[:, :n], alpha=self.damping).squeeze(1)
         return mixed.to(z.dtype)
