@@ -114,6 +114,11 @@ def test_solver_options_are_checked(bad):
         bad()
 
 
-def test_unknown_solver_option_is_a_type_error():
-    with pytest.raises(TypeError, match="mem"):
+def test_unknown_option_lists_the_valid_ones():
+    with pytest.raises(ValueError, match=r"Anderson: unknown option\(s\) \['mem'\]; valid options are "
+                                         r"\['memory', 'damping', 'regularization'\]"):
         fp.Anderson(mem=3)
+    with pytest.raises(TypeError, match="Broyden: unknown option"):  # also a TypeError, like any bad keyword
+        fp.Broyden(m=3)
+    with pytest.raises(ValueError, match=r"StochasticJFB: unknown option\(s\) \['n'\].*'min_with_grad'"):
+        fp.StochasticJFB(max_no_grad=1, max_with_grad=1, n=2)

@@ -9,6 +9,7 @@ from typing import Callable, Literal
 import torch
 
 from .._loop import LoopResult, run_loop
+from .._options import OptionsMeta
 from .._solution import Solution
 from ..solvers._base import Solver
 
@@ -54,7 +55,7 @@ def to_solution(result: LoopResult, z: torch.Tensor | None = None, extra_steps: 
     )
 
 
-class Backward(abc.ABC):
+class Backward(metaclass=OptionsMeta):
     """A way to differentiate through a fixed-point solve.
 
     Subclasses decide which steps run with autograd; the forward iterations always run through

@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from .._options import OptionsMeta
+
 __all__ = ["Solver", "algebra_dtype"]
 
 
@@ -15,7 +17,7 @@ def algebra_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-class Solver(abc.ABC):
+class Solver(metaclass=OptionsMeta):
     """A fixed-point solver, driven one step at a time by :func:`fixedpoint.solve`.
 
     The loop owns the calls to ``f``; a solver only proposes the next iterate. All tensors are flattened per

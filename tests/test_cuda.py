@@ -1,0 +1,36 @@
+"""CUDA-only checks: the sync claims on a real device. Skipped without a GPU."""
+
+import pytest
+import torch
+
+import fixedpoint as fp
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+@pytest.mark.parametrize("solver", ["iteration", "anderson", "broyden"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fixed_step_solve_never_synchronises(solver, dtype):
+    lin = torch.nn.Linear(64, 64, device="cuda", dtype=dtype)
+    x = torch.randn(32, 64, device="cuda", dtype=dtype)
+    f = lambda z: torch.tanh(lin(z) + x)  # noqa: E731
+    fp.solve(f, torch.zeros_like(x), solver=solver, rtol=0, atol=0, max_steps=3)  # warm up lazy CUDA init
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        sol = fp.solve(f, torch.zeros_like(x), solver=solver, backward="jfb", rtol=0, atol=0, max_steps=12)
+        sol.z.float().sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert sol.z.dtype == dtype and sol.num_steps == 13
+
+
+def test_solution_matches_cpu():
+    gen = torch.Generator().manual_seed(0)
+    w = 0.1 * torch.randn(32, 32, generator=gen)
+    x = torch.randn(8, 32, generator=gen)
+    cpu = fp.solve(lambda z: torch.tanh(z @ w.T + x), torch.zeros_like(x), solver="anderson", rtol=1e-6)
+    wc, xc = w.cuda(), x.cuda()
+    gpu = fp.solve(lambda z: torch.tanh(z @ wc.T + xc), torch.zeros_like(xc), solver="anderson", rtol=1e-6)
+    assert gpu.converged.all()
+    torch.testing.assert_close(gpu.z.cpu(), cpu.z, rtol=1e-4, atol=1e-5)
