@@ -7,7 +7,7 @@ from problems import affine
 import fixedpoint as fp
 
 SOLVERS = [fp.Iteration(), fp.Iteration(damping=0.7), fp.Anderson(), fp.Anderson(memory=1), fp.Anderson(memory=20),
-           fp.Broyden(), fp.Broyden(memory=3)]
+           fp.Broyden(), fp.Broyden(memory=3), fp.Broyden(memory=3, when_full="reduce")]
 
 
 @pytest.mark.parametrize("solver", SOLVERS, ids=repr)
@@ -80,14 +80,42 @@ def test_singular_history_does_not_crash(solver):
     assert torch.isfinite(sol.z).all()
 
 
-@pytest.mark.parametrize("memory", [1, 2, 5])
-def test_broyden_bounded_memory_converges_on_linear_contractions(memory):
+@pytest.mark.parametrize("when_full", ["restart", "reduce"])
+@pytest.mark.parametrize("memory", [2, 5])
+def test_broyden_bounded_memory_converges_on_linear_contractions(memory, when_full):
     prob = affine(0.95, batch=4, dim=48)
-    sol = fp.solve(prob.f, torch.zeros_like(prob.x), solver=fp.Broyden(memory=memory), rtol=1e-9, atol=0,
-                   max_steps=3000)
+    solver = fp.Broyden(memory=memory, when_full=when_full)
+    sol = fp.solve(prob.f, torch.zeros_like(prob.x), solver=solver, rtol=1e-9, atol=0, max_steps=3000)
     assert sol.converged.all()
-    state = fp.Broyden(memory=memory).init(torch.zeros(4, 48))
+    state = solver.init(torch.zeros(4, 48))
     assert state.u.shape == state.v.shape == (4, memory, 48)  # O(memory), not O(max_steps)
+
+
+def test_broyden_rank_reduction_is_the_best_lower_rank_approximation():
+    from fixedpoint.solvers.broyden import _drop_weakest
+
+    gen = torch.Generator().manual_seed(0)
+    u = torch.randn(3, 5, 20, generator=gen, dtype=torch.float64)
+    v = torch.randn(3, 5, 20, generator=gen, dtype=torch.float64)
+    u_new, v_new = _drop_weakest(u, v)
+    assert u_new.shape == v_new.shape == (3, 4, 20)
+    dense = u.transpose(1, 2) @ v  # (3, 20, 20), rank 5
+    p, sv, yh = torch.linalg.svd(dense)
+    best = p[:, :, :4] @ torch.diag_embed(sv[:, :4]) @ yh[:, :4]  # Eckart-Young
+    torch.testing.assert_close(u_new.transpose(1, 2) @ v_new, best)
+
+
+def test_broyden_rank_reduction_beats_restart_at_tight_tolerance():
+    steps = {}
+    for when_full in ("restart", "reduce"):
+        prob = affine(0.99, batch=4, dim=96)
+        sol = fp.solve(prob.f, torch.zeros_like(prob.x), solver=fp.Broyden(memory=30, when_full=when_full),
+                       rtol=1e-10, atol=0, max_steps=3000)
+        assert sol.converged.all()
+        steps[when_full] = sol.num_steps
+    full = fp.solve(prob.f, torch.zeros_like(prob.x), solver=fp.Broyden(memory=3000), rtol=1e-10, atol=0,
+                    max_steps=3000).num_steps
+    assert full <= steps["reduce"] < steps["restart"], (full, steps)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -107,7 +135,8 @@ def test_low_precision_states(solver, dtype):
 @pytest.mark.parametrize("bad", [
     lambda: fp.Iteration(damping=0.0), lambda: fp.Iteration(damping=1.5), lambda: fp.Anderson(memory=0),
     lambda: fp.Anderson(memory=2.5), lambda: fp.Anderson(regularization=-1.0), lambda: fp.Anderson(damping=2),
-    lambda: fp.Broyden(memory=0), lambda: fp.Broyden(memory=True),
+    lambda: fp.Broyden(memory=0), lambda: fp.Broyden(memory=True), lambda: fp.Broyden(when_full="oldest"),
+    lambda: fp.Broyden(memory=1, when_full="reduce"),
 ])
 def test_solver_options_are_checked(bad):
     with pytest.raises(ValueError, match="must be"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -26,6 +27,23 @@ def _apply(h_u: torch.Tensor, h_v: torch.Tensor, x: torch.Tensor) -> torch.Tenso
     return -x + torch.bmm(h_u.transpose(1, 2), coef).squeeze(2)
 
 
+def _drop_weakest(u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rewrite ``U^T V = sum_j u_j v_j^T`` (``U, V``: ``(B, m, D)``) as ``m - 1`` pairs without its smallest
+    singular component (Broyden rank reduction, van de Rotten & Verduyn Lunel, 2003).
+
+    With ``V^T = Q R`` (thin QR) and ``U^T R^T = P S Y^T`` (thin SVD), ``U^T V = (P S)(Q Y)^T``; the first
+    ``m - 1`` columns of ``P S`` and ``Q Y`` are the new pairs. A sample whose factorisation is not finite
+    restarts (all pairs dropped).
+    """
+    q, r = torch.linalg.qr(v.transpose(1, 2))  # (B, D, m), (B, m, m)
+    p, sv, yh = torch.linalg.svd(torch.bmm(u.transpose(1, 2), r.transpose(1, 2)), full_matrices=False)
+    keep = u.shape[1] - 1
+    u_new = (p[:, :, :keep] * sv[:, None, :keep]).transpose(1, 2)
+    v_new = torch.bmm(q, yh.transpose(1, 2)[:, :, :keep]).transpose(1, 2)
+    ok = (torch.isfinite(u_new).flatten(1).all(1) & torch.isfinite(v_new).flatten(1).all(1))[:, None, None]
+    return torch.where(ok, u_new, 0.0), torch.where(ok, v_new, 0.0)
+
+
 @dataclass(frozen=True)
 class Broyden(Solver):
     """Broyden's "good" method on the root problem ``g(z) = f(z) - z = 0``.
@@ -34,25 +52,36 @@ class Broyden(Solver):
     ``z <- z - H g(z)``. After each step the secant condition ``H dg = dz`` is imposed by the Sherman-Morrison
     update ``u = (dz - H dg) / (dz^T H dg)``, ``v = H^T dz``.
 
-    The memory is bounded: after ``memory`` updates the approximation restarts from ``-I``. (Overwriting the
-    oldest update instead, as torchdeq does, breaks the secant structure and diverges on plain linear
-    contractions.) An update whose denominator vanishes or is not finite is skipped for that sample. The
+    The memory is bounded and the method stays convergent. With ``when_full="restart"`` (the default) the
+    approximation restarts from ``-I`` after ``memory`` updates: no extra work, nothing that synchronises with
+    the host, and in float32 at practical tolerances the fewest steps in our tests. With ``"reduce"`` each update
+    past the memory first drops the weakest singular component of ``H + I`` (Broyden rank reduction): it tracks
+    full-memory Broyden closely in float64 at tight tolerances (100 vs 97 steps at contraction 0.99, where
+    restarting takes 129), but costs ``O(memory^2 * D)`` per step and a QR and SVD that synchronise with the host
+    on CUDA. Overwriting the oldest update, as torchdeq does, breaks the secant structure and diverges on plain
+    linear contractions. An update whose denominator vanishes or is not finite is skipped for that sample. The
     algebra runs in float32 or better.
 
     Memory: two ``(B, memory, D)`` buffers in the algebra dtype.
 
     Args:
-        memory: rank-one updates kept before a restart, at least 1.
+        memory: rank-one updates kept, at least 1 (at least 2 with ``"reduce"``).
+        when_full: ``"restart"`` (drop all updates) or ``"reduce"`` (drop the weakest component).
 
     Raises:
-        ValueError: if ``memory`` is not an int >= 1.
+        ValueError: on an out-of-range argument.
     """
 
     memory: int = 30
+    when_full: Literal["restart", "reduce"] = "restart"
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.memory, int) and not isinstance(self.memory, bool) and self.memory >= 1):
-            raise ValueError(f"Broyden: memory must be an int >= 1, got {self.memory!r}")
+        if self.when_full not in ("reduce", "restart"):
+            raise ValueError(f"Broyden: when_full must be one of ['reduce', 'restart'], got {self.when_full!r}")
+        low = 2 if self.when_full == "reduce" else 1
+        if not (isinstance(self.memory, int) and not isinstance(self.memory, bool) and self.memory >= low):
+            raise ValueError(f"Broyden: memory must be an int >= {low} with when_full={self.when_full!r}, "
+                             f"got {self.memory!r}")
 
     def init(self, z: torch.Tensor) -> _BroydenState:
         batch, dim = z.shape
@@ -65,10 +94,16 @@ class Broyden(Solver):
         z_a = z.to(dtype)
         g = fz.to(dtype) - z_a
         if state.prev_z is not None:
-            if state.count == self.memory:  # restart from H = -I
-                state.u.zero_()
-                state.v.zero_()
-                state.count = 0
+            if state.count == self.memory:
+                if self.when_full == "reduce":
+                    u_kept, v_kept = _drop_weakest(state.u, state.v)
+                    state.u[:, : self.memory - 1] = u_kept
+                    state.v[:, : self.memory - 1] = v_kept
+                    state.count = self.memory - 1
+                else:  # back to H = -I
+                    state.u.zero_()
+                    state.v.zero_()
+                    state.count = 0
             n = state.count
             u_hist, v_hist = state.u[:, :n], state.v[:, :n]
             dz = z_a - state.prev_z

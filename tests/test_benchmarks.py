@@ -1,0 +1,35 @@
+"""Each benchmark script runs end to end at its smallest size and writes its JSON. Nothing here times anything."""
+
+import importlib.util
+import json
+import pathlib
+import sys
+
+import pytest
+
+BENCHMARKS = pathlib.Path(__file__).parents[1] / "benchmarks"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the script is being executed
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_gradients_benchmark_tiny(tmp_path, capsys):
+    out = tmp_path / "gradients.json"
+    _load("gradients").main(["--tiny", "--device", "cpu", "--out", str(out)])
+    result = json.loads(out.read_text())
+    printed = capsys.readouterr().out
+    assert "Implicit()" in printed and "JFB(steps=1)" in printed
+    rows = [row for problem in result["problems"] for row in problem["rows"]] if "problems" in result else None
+    assert rows, sorted(result)
+    implicit = [r for r in rows if r["mode"] == "Implicit()"]
+    jfb1 = [r for r in rows if r["mode"] == "JFB(steps=1)"]
+    assert implicit and jfb1
+    # the implicit gradient is far closer to the exact one than 1-step JFB on every problem
+    for a, b in zip(implicit, jfb1):
+        assert a["rel_error"] < 1e-3 < b["rel_error"]
