@@ -1,4 +1,8 @@
-"""Fixed Point Diffusion Models (FPDM) on top of :mod:`fixedpoint`. The models, training and sampling land in
-later releases; this package currently only reserves the name."""
+"""Fixed Point Diffusion Models (FPDM) on top of :mod:`fixedpoint`: DiT and FPDM networks (training, budgeted
+sampling and evaluation come in later releases)."""
+
+from .models import DiT, FPDM, PRESETS, Cost, ModelOutput, create_model
 
 __version__ = "0.1.0"
+
+__all__ = ["DiT", "FPDM", "PRESETS", "Cost", "ModelOutput", "create_model"]

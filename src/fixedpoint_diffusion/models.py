@@ -1,0 +1,354 @@
+"""DiT (the explicit baseline) and FPDM (Bai & Melas-Kyriazi, 2024, Fig. 2 and Eq. 1-4), presets and
+``create_model``."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers import ConfigMixin, ModelMixin
+from diffusers.configuration_utils import register_to_config
+from einops import rearrange
+from torch import nn
+
+import fixedpoint as fp
+
+from .blocks import DiTBlock, FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d
+
+__all__ = ["DiT", "FPDM", "Cost", "ModelOutput", "PRESETS", "create_model"]
+
+# name -> (depth, hidden_size, num_heads), as in the DiT paper; the patch size comes from the name's suffix.
+PRESETS: dict[str, tuple[int, int, int]] = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16),
+                                            "XL": (28, 1152, 16)}
+
+
+@dataclass(frozen=True)
+class Cost:
+    """What one forward spent.
+
+    Attributes:
+        block_passes: transformer-block forward passes, the paper's unit (footnote 4: ``n_pre + n_iters + n_post``
+            for FPDM, ``depth`` for DiT).
+        macs: multiply-accumulates of the whole forward, batch included, counting every linear map and the
+            attention products (FPDM's injection MLP is *not* negligible: about a third of a block per iteration).
+    """
+
+    block_passes: int
+    macs: int
+
+
+@dataclass(frozen=True)
+class ModelOutput:
+    """Result of a DiT/FPDM forward.
+
+    Attributes:
+        out: (B, C_out, H, W) prediction (``C_out = 2 * in_channels`` with ``learn_sigma``: the target, then the
+            variance interpolation values).
+        cost: the forward's :class:`Cost`.
+        z: FPDM only: the fixed-point state (B, T, D), to initialise the next timestep (solution reuse).
+        residual: FPDM only: per-sample residual of the fixed-point solve (see :class:`fixedpoint.Solution`).
+        trace: FPDM only, on request: (steps, B) residual per fixed-point step.
+        solution: FPDM only: the full :class:`fixedpoint.Solution`.
+    """
+
+    out: torch.Tensor
+    cost: Cost
+    z: torch.Tensor | None = None
+    residual: torch.Tensor | None = None
+    trace: torch.Tensor | None = None
+    solution: fp.Solution | None = None
+
+
+def _block_macs(tokens: int, dim: int, mlp_ratio: float) -> int:
+    """MACs of one DiT block for one sample: qkv, QK^T, AV, proj, MLP, and the adaLN projection of ``c``."""
+    hidden = int(dim * mlp_ratio)
+    return 4 * tokens * dim * dim + 2 * tokens * tokens * dim + 2 * tokens * dim * hidden + 6 * dim * dim
+
+
+class _Transformer(ModelMixin, ConfigMixin):
+    """What DiT and FPDM share: embedders, fixed positions, final layer, input checks, initialisation."""
+
+    def _build_shared(self, input_size: int, patch_size: int, in_channels: int, hidden_size: int, num_classes: int,
+                      learn_sigma: bool) -> None:
+        if input_size % patch_size:
+            raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size)
+        self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden_size, self.x_embedder.grid)[None],
+                             persistent=True)
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+
+    def _init_weights(self, blocks: list[DiTBlock]) -> None:
+        """DiT's initialisation: Xavier-uniform linears with zero bias, patch embedding like a linear map, N(0,
+        0.02) label and timestep embeddings, and zero adaLN modulations and output layer (so the model starts by
+        predicting zero)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def _check_inputs(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> None:
+        cfg = self.config
+        expected = (cfg.in_channels, cfg.input_size, cfg.input_size)
+        if not isinstance(x_t, torch.Tensor) or x_t.dim() != 4 or tuple(x_t.shape[1:]) != expected:
+            got = tuple(x_t.shape) if isinstance(x_t, torch.Tensor) else type(x_t).__name__
+            raise ValueError(f"x_t must have shape (B, {', '.join(map(str, expected))}), got {got}")
+        if not x_t.is_floating_point():
+            raise ValueError(f"x_t must be floating point, got {x_t.dtype}")
+        batch = x_t.shape[0]
+        if not isinstance(t, torch.Tensor) or t.shape != (batch,):
+            raise ValueError(f"t must be a tensor of shape ({batch},), got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise ValueError(f"t must hold integer timesteps, got dtype {t.dtype}")
+        if not isinstance(y, torch.Tensor) or y.shape != (batch,):
+            raise ValueError(f"y must be a tensor of shape ({batch},), got "
+                             f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}")
+        if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+            raise ValueError(f"y must hold integer class indices, got dtype {y.dtype}")
+        # One host sync per forward: an out-of-range index would otherwise be a device-side assert on CUDA.
+        bad = (t < 0).any() | (y < 0).any() | (y > cfg.num_classes).any()
+        if bool(bad):
+            raise ValueError(f"t must be >= 0 and y in [0, {cfg.num_classes}] ({cfg.num_classes} is the null class "
+                             f"for guidance); got t in [{int(t.min())}, {int(t.max())}], y in "
+                             f"[{int(y.min())}, {int(y.max())}]")
+
+    def _embed(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor, drop_labels: torch.Tensor | None):
+        h = self.x_embedder(x_t) + self.pos_embed.to(x_t.dtype)  # (B, T, D)
+        return h, self.t_embedder(t), self.y_embedder(y, drop_labels)  # (B, T, D), (B, D), (B, D)
+
+    def _unpatchify(self, h: torch.Tensor) -> torch.Tensor:
+        p, g = self.config.patch_size, self.x_embedder.grid
+        return rearrange(h, "b (gh gw) (p q c) -> b c (gh p) (gw q)", gh=g, gw=g, p=p, q=p)  # (B, C_out, H, W)
+
+    def _shared_macs(self, batch: int) -> int:
+        cfg = self.config
+        tokens, dim, p = self.x_embedder.num_patches, cfg.hidden_size, cfg.patch_size
+        embed = tokens * p * p * cfg.in_channels * dim + self.t_embedder.frequency_size * dim + dim * dim
+        final = 2 * dim * dim + tokens * dim * p * p * self.out_channels
+        return batch * (embed + final)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.x_embedder.num_patches
+
+
+class DiT(_Transformer):
+    """Diffusion transformer (Peebles & Xie, 2023): ``depth`` adaLN-Zero blocks conditioned on timestep + class.
+
+    Args:
+        input_size: latent (or image) side length.
+        patch_size: patch side length.
+        in_channels: channels of ``x_t``.
+        hidden_size, depth, num_heads, mlp_ratio: transformer width, depth, heads and MLP expansion.
+        num_classes: number of classes; index ``num_classes`` is the null class for guidance.
+        learn_sigma: also predict the variance interpolation (output channels doubled).
+    """
+
+    @register_to_config
+    def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 4, hidden_size: int = 1152,
+                 depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0, num_classes: int = 1000,
+                 learn_sigma: bool = True) -> None:
+        super().__init__()
+        self._build_shared(input_size, patch_size, in_channels, hidden_size, num_classes, learn_sigma)
+        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
+        self._init_weights(list(self.blocks))
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *,
+                drop_labels: torch.Tensor | None = None) -> ModelOutput:
+        """Predict from ``x_t`` (B, C, H, W) at integer timesteps ``t`` (B,) for classes ``y`` (B,).
+
+        ``drop_labels`` (B,) bool replaces those labels by the null class (classifier-free guidance training).
+        """
+        self._check_inputs(x_t, t, y)
+        h, t_emb, y_emb = self._embed(x_t, t, y, drop_labels)
+        c = t_emb + y_emb  # (B, D)
+        for block in self.blocks:
+            h = block(h, c)  # (B, T, D)
+        out = self._unpatchify(self.final_layer(h, c))  # (B, C_out, H, W)
+        cfg = self.config
+        macs = self._shared_macs(x_t.shape[0]) + x_t.shape[0] * cfg.depth * _block_macs(
+            self.num_tokens, cfg.hidden_size, cfg.mlp_ratio)
+        return ModelOutput(out=out, cost=Cost(block_passes=cfg.depth, macs=macs))
+
+
+_BACKWARDS = ("stochastic_jfb", "jfb", "implicit")
+
+
+class FPDM(_Transformer):
+    """Fixed Point Diffusion Model (paper Fig. 2, Eq. 1-4).
+
+    ``pre_depth`` explicit blocks map the embedded input to ``h_pre``; its projection ``x_inj`` is the input
+    injection; one weight-tied block defines the map ``z -> block(MLP([z, x_inj]), c)`` (MLP: 2D -> 2D -> D with
+    tanh-GELU), whose fixed point is solved with :func:`fixedpoint.solve` from ``h_pre`` (or a given state);
+    ``post_depth`` explicit blocks and the final layer follow. The fixed-point block is conditioned on timestep
+    + class; the explicit layers on the class only unless ``timestep_conditioned_explicit`` (the paper's
+    "timestep-independent" layers). The ``x_inj`` half of the MLP's first layer is computed once per forward.
+
+    Training uses the configured backward mode (by default the paper's stochastic JFB, Algorithm 1, with the
+    official code's ranges: 0-10 no-grad and 1-12 with-grad steps); set :attr:`generator` to a seeded CPU
+    generator so that all DDP ranks draw alike.
+
+    Args:
+        input_size, patch_size, in_channels, hidden_size, num_heads, mlp_ratio, num_classes, learn_sigma: as in
+            :class:`DiT`.
+        pre_depth, post_depth: explicit blocks before and after the fixed point.
+        timestep_conditioned_explicit: condition the explicit layers on the timestep too.
+        solver: ``"iteration"``, ``"anderson"`` or ``"broyden"``.
+        backward: ``"stochastic_jfb"``, ``"jfb"`` or ``"implicit"``.
+        max_no_grad, min_with_grad, max_with_grad: stochastic JFB ranges.
+        jfb_steps: with-grad steps for ``"jfb"``.
+        max_steps, rtol, atol: forward solve options when ``num_steps`` is not given per call.
+    """
+
+    @register_to_config
+    def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 4, hidden_size: int = 1152,
+                 num_heads: int = 16, mlp_ratio: float = 4.0, num_classes: int = 1000, learn_sigma: bool = True,
+                 pre_depth: int = 1, post_depth: int = 1, timestep_conditioned_explicit: bool = False,
+                 solver: str = "iteration", backward: str = "stochastic_jfb", max_no_grad: int = 10,
+                 min_with_grad: int = 1, max_with_grad: int = 12, jfb_steps: int = 1, max_steps: int = 12,
+                 rtol: float = 0.0, atol: float = 0.0) -> None:
+        super().__init__()
+        if backward not in _BACKWARDS:
+            raise ValueError(f"backward must be one of {list(_BACKWARDS)}, got {backward!r}")
+        for name, value in (("pre_depth", pre_depth), ("post_depth", post_depth)):
+            if not (isinstance(value, int) and value >= 0):
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        self._build_shared(input_size, patch_size, in_channels, hidden_size, num_classes, learn_sigma)
+        self.blocks_pre = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(pre_depth))
+        self.block_pre_projection = nn.Linear(hidden_size, hidden_size)
+        self.block_fixed_point_projection_fc1 = nn.Linear(2 * hidden_size, 2 * hidden_size)
+        self.block_fixed_point_projection_fc2 = nn.Linear(2 * hidden_size, hidden_size)
+        self.block_fixed_point = DiTBlock(hidden_size, num_heads, mlp_ratio)
+        self.blocks_post = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(post_depth))
+        self._init_weights([*self.blocks_pre, self.block_fixed_point, *self.blocks_post])
+        # Resolved once; the config keeps the JSON-able names.
+        self.solver = fp.SOLVERS[solver]() if solver in fp.SOLVERS else fp._solve._as_solver(solver)
+        if backward == "stochastic_jfb":
+            self.backward_mode: fp.Backward = fp.StochasticJFB(max_no_grad=max_no_grad, min_with_grad=min_with_grad,
+                                                                max_with_grad=max_with_grad)
+        elif backward == "jfb":
+            self.backward_mode = fp.JFB(steps=jfb_steps)
+        else:
+            self.backward_mode = fp.Implicit()
+        fp._solve.forward_options(solver=self.solver, max_steps=max_steps, rtol=rtol, atol=atol, check_every=1,
+                                  trace=False, on_nonfinite="report")  # validate now, not at the first forward
+        self.generator: torch.Generator | None = None
+
+    def fixed_point_map(self, x_inj: torch.Tensor, c: torch.Tensor):
+        """The map ``z -> block(MLP([z, x_inj]), c)`` for one forward, with the ``x_inj`` half of the MLP's first
+        layer computed here, once."""
+        dim = self.config.hidden_size
+        fc1, fc2 = self.block_fixed_point_projection_fc1, self.block_fixed_point_projection_fc2
+        inj = F.linear(x_inj, fc1.weight[:, dim:], fc1.bias)  # (B, T, 2D), loop-invariant
+
+        def f(z: torch.Tensor) -> torch.Tensor:
+            hidden = F.gelu(F.linear(z, fc1.weight[:, :dim]) + inj, approximate="tanh")  # (B, T, 2D)
+            return self.block_fixed_point(fc2(hidden), c)  # (B, T, D)
+
+        return f
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *, num_steps: int | None = None,
+                z0: torch.Tensor | None = None, trace: bool = False, drop_labels: torch.Tensor | None = None,
+                solver: fp.Solver | str | None = None, backward: fp.Backward | str | None = None,
+                rtol: float | None = None, atol: float | None = None) -> ModelOutput:
+        """Predict from ``x_t`` (B, C, H, W) at integer timesteps ``t`` (B,) for classes ``y`` (B,).
+
+        Args:
+            num_steps: exactly this many applications of the fixed-point map, no convergence checks and no
+                gradient through the solve (the sampling mode). ``None`` uses the configured solve while
+                training (the backward mode decides the steps) and ``max_steps``/``rtol``/``atol`` otherwise.
+            z0: initial fixed-point state (B, T, D), e.g. the previous timestep's ``ModelOutput.z``; default
+                ``h_pre``, the pre-blocks' output.
+            trace: also return the per-step residuals.
+            drop_labels: (B,) bool, labels replaced by the null class.
+            solver, backward, rtol, atol: per-call overrides of the configured options.
+        """
+        self._check_inputs(x_t, t, y)
+        cfg = self.config
+        batch = x_t.shape[0]
+        h, t_emb, y_emb = self._embed(x_t, t, y, drop_labels)
+        c = t_emb + y_emb  # (B, D): the fixed-point block always sees the timestep
+        c_explicit = c if cfg.timestep_conditioned_explicit else y_emb  # (B, D)
+        for block in self.blocks_pre:
+            h = block(h, c_explicit)  # (B, T, D)
+        x_inj = self.block_pre_projection(h)  # (B, T, D)
+        f = self.fixed_point_map(x_inj, c)
+        if z0 is None:
+            z0 = h
+        elif z0.shape != h.shape:
+            raise ValueError(f"z0 must have shape {tuple(h.shape)} (B, tokens, hidden), got {tuple(z0.shape)}")
+        solver = self.solver if solver is None else solver
+        if num_steps is not None:
+            if not (isinstance(num_steps, int) and not isinstance(num_steps, bool) and num_steps >= 1):
+                raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
+            sol = fp.solve(f, z0.detach(), solver=solver, max_steps=num_steps, rtol=0.0, atol=0.0, trace=trace)
+        else:
+            mode = self.backward_mode if backward is None else backward
+            if isinstance(mode, fp.StochasticJFB) and self.generator is not None and mode.generator is None:
+                mode = fp.StochasticJFB(max_no_grad=mode.max_no_grad, min_with_grad=mode.min_with_grad,
+                                        max_with_grad=mode.max_with_grad, generator=self.generator)
+            sol = fp.solve(f, z0.detach(), solver=solver, backward=mode if torch.is_grad_enabled() else None,
+                           max_steps=cfg.max_steps, rtol=cfg.rtol if rtol is None else rtol,
+                           atol=cfg.atol if atol is None else atol, trace=trace)
+        h = sol.z
+        for block in self.blocks_post:
+            h = block(h, c_explicit)  # (B, T, D)
+        out = self._unpatchify(self.final_layer(h, c_explicit))  # (B, C_out, H, W)
+        return ModelOutput(out=out, cost=self._cost(batch, sol.num_steps), z=sol.z, residual=sol.residual,
+                           trace=sol.trace, solution=sol)
+
+    def _cost(self, batch: int, num_steps: int) -> Cost:
+        cfg = self.config
+        tokens, dim = self.num_tokens, cfg.hidden_size
+        block = _block_macs(tokens, dim, cfg.mlp_ratio)
+        once = tokens * dim * dim + tokens * dim * 2 * dim  # pre-projection, hoisted x_inj half of fc1
+        per_step = block + tokens * dim * 2 * dim + tokens * 2 * dim * dim  # block, z half of fc1, fc2
+        explicit = (cfg.pre_depth + cfg.post_depth) * block
+        macs = self._shared_macs(batch) + batch * (explicit + once + num_steps * per_step)
+        return Cost(block_passes=cfg.pre_depth + num_steps + cfg.post_depth, macs=macs)
+
+
+def create_model(name: str, **overrides: Any) -> DiT | FPDM:
+    """Build a preset: ``"DiT-S/2"`` ... ``"DiT-XL/8"`` or ``"FPDM-S/2"`` ... ``"FPDM-XL/8"``.
+
+    ``overrides`` are constructor arguments (``input_size``, ``in_channels``, ``num_classes``, ``learn_sigma``,
+    ``pre_depth``, ``post_depth``, ...). Defaults: ``input_size=32`` (256px images through the SD VAE),
+    ``in_channels=4``, ``learn_sigma=True``, 1000 classes; FPDM with 1 pre and 1 post block.
+
+    Raises:
+        ValueError: on an unknown name or an override the model does not take.
+    """
+    valid = [f"{kind}-{size}/{p}" for kind in ("DiT", "FPDM") for size in PRESETS for p in (2, 4, 8)]
+    if name not in valid:
+        raise ValueError(f"name must be one of {valid}, got {name!r}")
+    kind, rest = name.split("-", 1)
+    size, patch = rest.split("/")
+    depth, hidden, heads = PRESETS[size]
+    cls = DiT if kind == "DiT" else FPDM
+    kwargs: dict[str, Any] = {"patch_size": int(patch), "hidden_size": hidden, "num_heads": heads}
+    if cls is DiT:
+        kwargs["depth"] = depth
+    allowed = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    unknown = sorted(set(overrides) - allowed)
+    if unknown:
+        raise ValueError(f"{name}: unknown override(s) {unknown}; valid ones are {sorted(allowed)}")
+    kwargs.update(overrides)
+    return cls(**kwargs)
