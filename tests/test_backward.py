@@ -192,6 +192,8 @@ def test_sjfb_draw_ranges_and_seeding():
     other = fp.StochasticJFB(max_no_grad=4, max_with_grad=3, min_with_grad=2,
                              generator=torch.Generator().manual_seed(2))
     assert [other.draw() for _ in range(400)] != draws
+    low = fp.StochasticJFB(min_no_grad=2, max_no_grad=3, max_with_grad=1, generator=torch.Generator().manual_seed(0))
+    assert {low.draw()[0] for _ in range(100)} == {2, 3}
     # the global generator is used when none is given, and is seedable the usual way
     torch.manual_seed(5)
     a = [fp.StochasticJFB(max_no_grad=9, max_with_grad=9).draw() for _ in range(20)]
@@ -257,6 +259,7 @@ def test_sjfb_solves_normally_when_autograd_is_off():
     ({"max_no_grad": 2, "max_with_grad": 3, "min_with_grad": 0}, ValueError),
     ({"max_no_grad": 2, "max_with_grad": 3, "min_with_grad": 4}, ValueError),
     ({"max_no_grad": 2, "max_with_grad": 3, "generator": 7}, TypeError),
+    ({"max_no_grad": 2, "max_with_grad": 3, "min_no_grad": 3}, ValueError),
 ])
 def test_sjfb_bad_arguments(kwargs, error):
     with pytest.raises(error, match="StochasticJFB"):

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from dataclasses import dataclass
 from typing import Any
@@ -213,7 +214,7 @@ class FPDM(_Transformer):
         timestep_conditioned_explicit: condition the explicit layers on the timestep too.
         solver: ``"iteration"``, ``"anderson"`` or ``"broyden"``.
         backward: ``"stochastic_jfb"``, ``"jfb"`` or ``"implicit"``.
-        max_no_grad, min_with_grad, max_with_grad: stochastic JFB ranges.
+        min_no_grad, max_no_grad, min_with_grad, max_with_grad: stochastic JFB ranges.
         jfb_steps: with-grad steps for ``"jfb"``.
         max_steps, rtol, atol: forward solve options when ``num_steps`` is not given per call.
     """
@@ -222,7 +223,7 @@ class FPDM(_Transformer):
     def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 4, hidden_size: int = 1152,
                  num_heads: int = 16, mlp_ratio: float = 4.0, num_classes: int = 1000, learn_sigma: bool = True,
                  pre_depth: int = 1, post_depth: int = 1, timestep_conditioned_explicit: bool = False,
-                 solver: str = "iteration", backward: str = "stochastic_jfb", max_no_grad: int = 10,
+                 solver: str = "iteration", backward: str = "stochastic_jfb", min_no_grad: int = 0, max_no_grad: int = 10,
                  min_with_grad: int = 1, max_with_grad: int = 12, jfb_steps: int = 1, max_steps: int = 12,
                  rtol: float = 0.0, atol: float = 0.0) -> None:
         super().__init__()
@@ -242,8 +243,9 @@ class FPDM(_Transformer):
         # Resolved once; the config keeps the JSON-able names.
         self.solver = fp.SOLVERS[solver]() if solver in fp.SOLVERS else fp._solve._as_solver(solver)
         if backward == "stochastic_jfb":
-            self.backward_mode: fp.Backward = fp.StochasticJFB(max_no_grad=max_no_grad, min_with_grad=min_with_grad,
-                                                                max_with_grad=max_with_grad)
+            self.backward_mode: fp.Backward = fp.StochasticJFB(
+                min_no_grad=min_no_grad, max_no_grad=max_no_grad, min_with_grad=min_with_grad,
+                max_with_grad=max_with_grad)
         elif backward == "jfb":
             self.backward_mode = fp.JFB(steps=jfb_steps)
         else:
@@ -303,8 +305,7 @@ class FPDM(_Transformer):
         else:
             mode = self.backward_mode if backward is None else backward
             if isinstance(mode, fp.StochasticJFB) and self.generator is not None and mode.generator is None:
-                mode = fp.StochasticJFB(max_no_grad=mode.max_no_grad, min_with_grad=mode.min_with_grad,
-                                        max_with_grad=mode.max_with_grad, generator=self.generator)
+                mode = dataclasses.replace(mode, generator=self.generator)
             sol = fp.solve(f, z0.detach(), solver=solver, backward=mode if torch.is_grad_enabled() else None,
                            max_steps=cfg.max_steps, rtol=cfg.rtol if rtol is None else rtol,
                            atol=cfg.atol if atol is None else atol, trace=trace)

@@ -54,7 +54,7 @@ class JFB(Backward):
 class StochasticJFB(Backward):
     """Stochastic Jacobian-free backpropagation, FPDM Algorithm 1.
 
-    While autograd is recording, each call draws ``n ~ U{0..max_no_grad}`` and
+    While autograd is recording, each call draws ``n ~ U{min_no_grad..max_no_grad}`` and
     ``m ~ U{min_with_grad..max_with_grad}``, runs exactly ``n`` solver steps under ``torch.no_grad`` (nothing
     saved for backward), then ``m`` applications of ``f`` with autograd, through which the gradient flows. When
     autograd is not recording it solves normally with the forward options (tolerances and ``max_steps``).
@@ -63,19 +63,22 @@ class StochasticJFB(Backward):
     from Python's ``random``: seed the same generator on every DDP rank and all ranks draw the same ``n, m``.
 
     Args:
-        max_no_grad: ``N``, the largest number of no-grad steps, at least 0.
+        max_no_grad: ``N``, the largest number of no-grad steps, at least ``min_no_grad``.
         max_with_grad: ``M``, the largest number of with-grad steps, at least ``min_with_grad``.
         min_with_grad: the smallest number of with-grad steps, at least 1.
         generator: source of the draws.
+        min_no_grad: the smallest number of no-grad steps, at least 0 (the paper: 0).
     """
 
     max_no_grad: int
     max_with_grad: int
     min_with_grad: int = 1
     generator: torch.Generator | None = None
+    min_no_grad: int = 0
 
     def __post_init__(self) -> None:
-        _check_count("StochasticJFB", "max_no_grad", self.max_no_grad, 0)
+        _check_count("StochasticJFB", "min_no_grad", self.min_no_grad, 0)
+        _check_count("StochasticJFB", "max_no_grad", self.max_no_grad, self.min_no_grad)
         _check_count("StochasticJFB", "min_with_grad", self.min_with_grad, 1)
         _check_count("StochasticJFB", "max_with_grad", self.max_with_grad, self.min_with_grad)
         if self.generator is not None:
@@ -88,7 +91,7 @@ class StochasticJFB(Backward):
 
     def draw(self) -> tuple[int, int]:
         """Draw ``(n, m)``: no-grad and with-grad step counts for one call."""
-        n = int(torch.randint(0, self.max_no_grad + 1, (1,), generator=self.generator))
+        n = int(torch.randint(self.min_no_grad, self.max_no_grad + 1, (1,), generator=self.generator))
         m = int(torch.randint(self.min_with_grad, self.max_with_grad + 1, (1,), generator=self.generator))
         return n, m
 
