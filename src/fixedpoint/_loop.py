@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable, Literal
 
@@ -25,6 +26,20 @@ class LoopResult:
 
 def _norm(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(x, dim=1, dtype=algebra_dtype(x.dtype))
+
+
+def _residual(fz: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """``||fz - z||`` per sample, subtracting in the algebra dtype (an fp16 difference can overflow)."""
+    dtype = algebra_dtype(z.dtype)
+    return torch.linalg.vector_norm(fz.to(dtype) - z.to(dtype), dim=1)
+
+
+def _no_autocast(device: torch.device):
+    """The solver's own algebra runs outside the caller's autocast (bmm would drop to bf16/fp16 there); ``f``
+    keeps the caller's context."""
+    if device.type in ("cpu", "cuda"):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _status(converged: torch.Tensor, nonfinite: torch.Tensor) -> torch.Tensor:
@@ -69,22 +84,26 @@ def run_loop(
     def apply(z_flat: torch.Tensor) -> torch.Tensor:
         return f(z_flat.view(shape)).reshape(batch, -1)
 
+    no_autocast = _no_autocast(z0.device)
     z = z0.reshape(batch, -1)
-    state = solver.init(z)
+    with no_autocast:
+        state = solver.init(z)
     residuals: list[torch.Tensor] = []
 
     if not early_stop:
         for k in range(max_steps):
             fz = apply(z)
-            if trace and k < max_steps - 1:
-                residuals.append(_norm(fz - z))
-            if k < max_steps - 1:
-                z = solver.step(state, z, fz, k)
-        residual = _norm(fz - z)
-        if trace:
-            residuals.append(residual)
-        nonfinite = ~torch.isfinite(residual)
-        converged = residual <= atol + rtol * _norm(fz)
+            with no_autocast:
+                if trace and k < max_steps - 1:
+                    residuals.append(_residual(fz, z))
+                if k < max_steps - 1:
+                    z = solver.step(state, z, fz, k)
+        with no_autocast:
+            residual = _residual(fz, z)
+            if trace:
+                residuals.append(residual)
+            nonfinite = ~torch.isfinite(residual)
+            converged = residual <= atol + rtol * _norm(fz)
         if on_nonfinite == "raise":
             _raise_if_nonfinite(nonfinite, max_steps)
         return LoopResult(
@@ -99,22 +118,23 @@ def run_loop(
     for k in range(max_steps):
         fz = apply(z)
         num_steps += 1
-        res = _norm(fz - z)
-        if trace:
-            residuals.append(res)
-        better = res < best_res  # NaN never compares better, so a non-finite step cannot replace the best
-        if k == 0:
-            best_fz.copy_(fz)  # a sample that is non-finite from the start returns its (non-finite) first image
-        torch.where(better[:, None], fz, best_fz, out=best_fz)
-        torch.where(better, res, best_res, out=best_res)
-        nonfinite |= ~torch.isfinite(res)
-        last = k == max_steps - 1
-        if last or (k + 1) % check_every == 0:
-            converged = best_res <= atol + rtol * _norm(best_fz)
-            if bool((converged | nonfinite).all()):  # the one host-device sync
-                break
-        if not last:
-            z = solver.step(state, z, fz, k)
+        with no_autocast:
+            res = _residual(fz, z)
+            if trace:
+                residuals.append(res)
+            better = res < best_res  # NaN never compares better, so a non-finite step cannot replace the best
+            if k == 0:
+                best_fz.copy_(fz)  # a sample that is non-finite from the start returns its (non-finite) first image
+            torch.where(better[:, None], fz, best_fz, out=best_fz)
+            torch.where(better, res, best_res, out=best_res)
+            nonfinite |= ~torch.isfinite(res)
+            last = k == max_steps - 1
+            if last or (k + 1) % check_every == 0:
+                converged = best_res <= atol + rtol * _norm(best_fz)
+                if bool((converged | nonfinite).all()):  # the one host-device sync
+                    break
+            if not last:
+                z = solver.step(state, z, fz, k)
     nonfinite &= ~converged
     if on_nonfinite == "raise":
         _raise_if_nonfinite(nonfinite, num_steps)

@@ -21,7 +21,7 @@ class Status(enum.IntEnum):
     """``f`` produced NaN or Inf for this sample; the best finite iterate seen (if any) is returned."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Solution:
     """Result of :func:`fixedpoint.solve` and :class:`fixedpoint.DEQ`.
 
@@ -39,6 +39,8 @@ class Solution:
             sample: the batch is evaluated together).
         trace: ``(num_solver_steps, B)`` residual of each solver iterate, when ``trace=True`` was asked for, else
             ``None``.
+
+    Solutions compare by identity (comparing tensor fields elementwise has no single truth value).
     """
 
     z: torch.Tensor

@@ -72,7 +72,14 @@ class DEQ(nn.Module):
         """
         if isinstance(z0, Solution):
             z0 = z0.z
-        z0 = torch.zeros_like(x) if z0 is None else check_state(z0, "z0").detach()
+        if z0 is None:
+            if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+                raise TypeError(f"x must be a floating-point tensor when z0 is None (the state starts at "
+                                f"zeros_like(x)), got {x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}; "
+                                f"pass z0 explicitly")
+            z0 = torch.zeros_like(x)
+        else:
+            z0 = check_state(z0, "z0").detach()
         return solve_with(lambda z: self.f(z, x), z0, self.options, self.backward_mode)
 
     def extra_repr(self) -> str:

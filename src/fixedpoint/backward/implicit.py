@@ -44,11 +44,30 @@ class _ImplicitGradient(torch.autograd.Function):
         fz, z_in = ctx.fz, ctx.z_in
 
         def adjoint_map(u: torch.Tensor) -> torch.Tensor:  # u -> u J + g
-            (u_j,) = torch.autograd.grad(fz, z_in, u, retain_graph=True)
-            return u_j + grad
+            (u_j,) = torch.autograd.grad(fz, z_in, u, retain_graph=True, allow_unused=True)
+            return grad if u_j is None else u_j + grad  # None: f does not depend on z, J = 0
 
         u = ctx.adjoint.run(adjoint_map, grad).z  # start at g, the first term of the Neumann series
         return u, None, None, None
+
+
+def _depends_on_other_leaves(out: torch.Tensor, z_in: torch.Tensor) -> bool:
+    """Whether ``out``'s autograd graph reaches a tensor requiring grad other than ``z_in`` (a parameter, or an
+    input closed over by ``f``). Stops at the first one found, so for a trainable ``f`` only a few nodes are
+    visited."""
+    if out.grad_fn is None:
+        return False
+    seen, stack = set(), [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)  # AccumulateGrad nodes hold their leaf
+        if variable is not None and variable is not z_in:
+            return True
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return False
 
 
 @dataclass(frozen=True)
@@ -100,5 +119,7 @@ class Implicit(Backward):
         z_in = result.z.detach().requires_grad_()
         with torch.enable_grad():
             fz = f(z_in)  # the one recorded application; the adjoint's vector-Jacobian products reuse its graph
+        if not _depends_on_other_leaves(fz, z_in):  # nothing to differentiate: a frozen layer stays frozen
+            return to_solution(result, extra_steps=1)
         z = _ImplicitGradient.apply(fz, z_in, result.z, self.adjoint_options(forward))
         return to_solution(result, z=z, extra_steps=1)

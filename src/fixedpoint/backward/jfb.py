@@ -7,7 +7,7 @@ from typing import Callable
 
 import torch
 
-from .._loop import _norm, _status
+from .._loop import _norm, _raise_if_nonfinite, _residual, _status
 from .._solution import Solution
 from ._base import Backward, Forward, to_solution
 
@@ -105,10 +105,14 @@ class StochasticJFB(Backward):
         # No solver step: the first with-grad application gives z0's residual.
         z0 = z0.detach()
         fz = f(z0)
+        batch = z0.shape[0]
         with torch.no_grad():
-            residual = _norm((fz.detach() - z0).flatten(1))
-            converged = residual <= forward.atol + forward.rtol * _norm(fz.detach().flatten(1))
-            status = _status(converged, ~torch.isfinite(residual))
+            residual = _residual(fz.detach().reshape(batch, -1), z0.reshape(batch, -1))
+            converged = residual <= forward.atol + forward.rtol * _norm(fz.detach().reshape(batch, -1))
+            nonfinite = ~torch.isfinite(residual)
+            if forward.on_nonfinite == "raise":
+                _raise_if_nonfinite(nonfinite, 1)
+            status = _status(converged, nonfinite)
         trace = residual[None] if forward.trace else None
         return Solution(z=_unroll(f, fz, m - 1), residual=residual, converged=converged, status=status,
                         num_steps=m, trace=trace)

@@ -32,7 +32,8 @@ class Anderson(Solver):
         leaves every step unchanged;
       * the Gram matrix is updated one row per step and the ``m x m`` system is solved in float32 (float64 for
         float64 states) even for bf16/fp16 states; the history is kept in that precision too;
-      * a singular or non-finite system never raises: that sample takes a plain damped step instead.
+      * a singular or non-finite system, or all-zero residuals, never raise: that sample takes a plain damped
+        step instead.
 
     Memory: two ``(B, memory, D)`` buffers in the algebra dtype.
 
@@ -77,15 +78,19 @@ class Anderson(Solver):
         state.gram[:, i, :n] = row
         state.gram[:, :n, i] = row
         gram = state.gram[:, :n, :n]  # (B, n, n)
-        eye = torch.eye(n, dtype=dtype, device=z.device)
+        # Solve on the Gram matrix divided by its mean diagonal: the ridge is then relative, and neither tiny nor
+        # huge residuals (nor exactly zero ones, at a converged sample) can overflow or underflow the system.
         scale = torch.diagonal(gram, dim1=1, dim2=2).mean(1)  # (B,)
-        lam = self.regularization * scale + torch.finfo(dtype).tiny
+        safe = torch.where(scale > 0, scale, 1.0)
+        eye = torch.eye(n, dtype=dtype, device=z.device)
+        system = gram / safe[:, None, None] + self.regularization * eye
         ones = torch.ones(z.shape[0], n, 1, dtype=dtype, device=z.device)
-        w, info = torch.linalg.solve_ex(gram + lam[:, None, None] * eye, ones)  # (B, n, 1)
-        alpha = w / w.sum(1, keepdim=True)
-        ok = (info == 0) & torch.isfinite(alpha).all(1).squeeze(1)  # (B,)
+        w, info = torch.linalg.solve_ex(system, ones)  # (B, n, 1)
+        total = w.sum(1)  # (B, 1)
+        alpha = w / total[:, :, None]
+        ok = (info == 0) & (scale > 0) & (total[:, 0] != 0) & torch.isfinite(alpha).all(1)[:, 0]
         plain = torch.zeros_like(alpha)
-        plain[:, i] = 1.0
+        plain[:, i] = 1.0  # a damped iteration step from the newest iterate
         alpha = torch.where(ok[:, None, None], alpha, plain).transpose(1, 2)  # (B, 1, n)
         mixed = torch.bmm(alpha, state.x[:, :n])  # (B, 1, D)
         mixed = torch.baddbmm(mixed, alpha, state.g[:, :n], alpha=self.damping).squeeze(1)
