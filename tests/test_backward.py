@@ -154,7 +154,7 @@ def test_multistep_jfb_approaches_the_implicit_gradient():
 def test_jfb_saves_k_times_one_step_and_nothing_for_the_solve():
     mlp = torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
     x = torch.randn(512, 8)
-    f = lambda z: torch.tanh(mlp(z) + x)  # noqa: E731
+    f = lambda z: torch.tanh(mlp(z) + x)
 
     def jfb_bytes(k, max_steps=30):
         return saved_bytes(lambda: fp.solve(f, torch.zeros_like(x), backward=fp.JFB(steps=k), max_steps=max_steps,
@@ -229,7 +229,7 @@ def test_sjfb_runs_n_no_grad_then_m_with_grad_steps():
 def test_sjfb_no_grad_steps_save_nothing():
     lin = torch.nn.Linear(8, 8)
     x = torch.randn(256, 8)
-    f = lambda z: torch.tanh(lin(z) + x)  # noqa: E731
+    f = lambda z: torch.tanh(lin(z) + x)
     class Pinned(fp.StochasticJFB):
         def draw(self):
             return self.max_no_grad, self.max_with_grad

@@ -13,7 +13,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 def test_fixed_step_solve_never_synchronises(solver, dtype):
     lin = torch.nn.Linear(64, 64, device="cuda", dtype=dtype)
     x = torch.randn(32, 64, device="cuda", dtype=dtype)
-    f = lambda z: torch.tanh(lin(z) + x)  # noqa: E731
+    f = lambda z: torch.tanh(lin(z) + x)
     fp.solve(f, torch.zeros_like(x), solver=solver, rtol=0, atol=0, max_steps=3)  # warm up lazy CUDA init
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")

@@ -91,7 +91,7 @@ def test_vb_term_against_torch_distributions():
         model_var = torch.exp(frac * math.log(beta) + (1 - frac) * math.log(post_var_clipped))
         model = torch.distributions.Normal(post_mean(x0_pred), model_var.sqrt())
         if ti == 0:
-            cdf = lambda v: model.cdf(v)  # noqa: E731
+            cdf = lambda v: model.cdf(v)
             upper = torch.where(x0[i] > 0.999, torch.ones_like(x0[i]), cdf(x0[i] + 1 / 255))
             lower = torch.where(x0[i] < -0.999, torch.zeros_like(x0[i]), cdf(x0[i] - 1 / 255))
             expected = -torch.log(upper - lower).mean() / math.log(2)

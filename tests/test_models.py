@@ -4,7 +4,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import fixedpoint as fp
 import fixedpoint_diffusion as fd
 
 

@@ -10,7 +10,7 @@ import fixedpoint as fp
 def test_anderson_keeps_a_converged_sample_in_fixed_step_mode():
     """All-zero residuals once overflowed the small system's weights to inf and moved the sample to z = 0."""
     c = torch.tensor([[2.0, 4.0, 6.0], [1.0, 1.0, 1.0]])
-    f = lambda z: 0.5 * z + 0.5 * c  # noqa: E731  fixed point c
+    f = lambda z: 0.5 * z + 0.5 * c
     z0 = torch.stack([c[0], torch.zeros(3)])  # sample 0 starts exactly at its fixed point
     for dtype in (torch.float32, torch.float64):
         sol = fp.solve(lambda z: f(z.float()).to(dtype), z0.to(dtype), solver=fp.Anderson(memory=5), rtol=0,
@@ -52,7 +52,7 @@ def test_solver_algebra_ignores_the_callers_autocast(solver):
 
 def test_fp16_residual_does_not_overflow():
     c = torch.tensor([[40000.0], [-40000.0]], dtype=torch.float16)
-    f = lambda z: 0.1 * z + 0.9 * c  # noqa: E731  |f(z0) - z0| = 72000 > fp16 max
+    f = lambda z: 0.1 * z + 0.9 * c
     z0 = -c
     sol = fp.solve(f, z0, solver="iteration", rtol=1e-2, atol=0, max_steps=20, on_nonfinite="raise")
     assert sol.converged.all()

@@ -48,7 +48,7 @@ def test_per_sample_convergence_and_best_iterate():
     fast, slow = affine(0.1, batch=1, dim=8, seed=1), affine(0.97, batch=1, dim=8, seed=2)
     w = torch.stack([fast.w, slow.w])
     x = torch.cat([fast.x, slow.x])
-    f = lambda z: torch.einsum("bij,bj->bi", w, z) + x  # noqa: E731
+    f = lambda z: torch.einsum("bij,bj->bi", w, z) + x
     sol = fp.solve(f, torch.zeros_like(x), solver="iteration", rtol=1e-8, atol=0, max_steps=60, trace=True)
     assert sol.converged.tolist() == [True, False]
     assert sol.statuses() == [fp.Status.CONVERGED, fp.Status.MAX_STEPS]
@@ -171,7 +171,7 @@ def test_fixed_step_solve_compiles_with_inductor():
     torch._dynamo.reset()
     lin = torch.nn.Linear(6, 6)
     x = torch.randn(4, 6)
-    run = lambda x: fp.solve(lambda z: torch.tanh(lin(z) + x), torch.zeros_like(x),  # noqa: E731
+    run = lambda x: fp.solve(lambda z: torch.tanh(lin(z) + x), torch.zeros_like(x),
                              solver="anderson", rtol=0, atol=0, max_steps=5)
     torch.testing.assert_close(torch.compile(run, fullgraph=True)(x).z, run(x).z, rtol=1e-5, atol=1e-5)
 
@@ -179,7 +179,7 @@ def test_fixed_step_solve_compiles_with_inductor():
 def test_no_backward_gives_same_solution_in_every_grad_mode():
     w = torch.randn(5, 5, requires_grad=True)
     x = torch.randn(2, 5)
-    f = lambda z: torch.tanh(0.5 * z @ w.T + x)  # noqa: E731
+    f = lambda z: torch.tanh(0.5 * z @ w.T + x)
     with_grad = fp.solve(f, torch.zeros_like(x))
     with torch.no_grad():
         without = fp.solve(f, torch.zeros_like(x))

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from types import MappingProxyType
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 
 from ._solution import Solution
-from .backward import JFB, Backward, Implicit, StochasticJFB
+from .backward import JFB, Backward, Implicit
 from .backward._base import Forward, to_solution
 from .solvers import Anderson, Broyden, Iteration, Solver
 
-__all__ = ["SOLVERS", "BACKWARDS", "solve"]
+__all__ = ["BACKWARDS", "SOLVERS", "solve"]
 
 SolverName = Literal["iteration", "anderson", "broyden"]
 BackwardName = Literal["jfb", "implicit"]

@@ -3,9 +3,18 @@ sampling and evaluation come in later releases)."""
 
 from .checkpoints import load_official_checkpoint
 from .diffusion import Diffusion, Loss
-from .models import DiT, FPDM, PRESETS, Cost, ModelOutput, create_model
+from .models import FPDM, PRESETS, Cost, DiT, ModelOutput, create_model
 
 __version__ = "0.1.0"
 
-__all__ = ["DiT", "FPDM", "PRESETS", "Cost", "Diffusion", "Loss", "ModelOutput", "create_model",
-           "load_official_checkpoint"]
+__all__ = [
+           "FPDM",
+           "PRESETS",
+           "Cost",
+           "DiT",
+           "Diffusion",
+           "Loss",
+           "ModelOutput",
+           "create_model",
+           "load_official_checkpoint",
+]

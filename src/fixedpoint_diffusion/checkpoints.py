@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .models import DiT, FPDM, create_model
+from .models import FPDM, DiT, create_model
 
 __all__ = ["load_official_checkpoint"]
 
@@ -34,8 +34,7 @@ def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {}
     for key, value in state.items():
         for prefix in ("module.", "_orig_mod."):
-            if key.startswith(prefix):
-                key = key[len(prefix):]
+            key = key.removeprefix(prefix)
         out[key] = value
     return out
 

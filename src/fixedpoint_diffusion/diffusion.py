@@ -9,14 +9,15 @@ frozen (detached) mean. Tables are float64 on the CPU and gathered per timestep.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 
 from .models import ModelOutput
 
-__all__ = ["Diffusion", "Loss", "normal_kl", "discretized_gaussian_log_likelihood"]
+__all__ = ["Diffusion", "Loss", "discretized_gaussian_log_likelihood", "normal_kl"]
 
 
 def normal_kl(mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor, logvar2: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ import fixedpoint as fp
 
 from .blocks import DiTBlock, FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d
 
-__all__ = ["DiT", "FPDM", "Cost", "ModelOutput", "PRESETS", "create_model"]
+__all__ = ["FPDM", "PRESETS", "Cost", "DiT", "ModelOutput", "create_model"]
 
 # name -> (depth, hidden_size, num_heads), as in the DiT paper; the patch size comes from the name's suffix.
 PRESETS: dict[str, tuple[int, int, int]] = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16),

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
+
 from .._solution import Solution
 from ..solvers._base import Solver
 from ._base import Backward, Forward, to_solution
