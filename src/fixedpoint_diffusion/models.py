@@ -240,8 +240,10 @@ class FPDM(_Transformer):
         self.block_fixed_point = DiTBlock(hidden_size, num_heads, mlp_ratio)
         self.blocks_post = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(post_depth))
         self._init_weights([*self.blocks_pre, self.block_fixed_point, *self.blocks_post])
-        # Resolved once; the config keeps the JSON-able names.
-        self.solver = fp.SOLVERS[solver]() if solver in fp.SOLVERS else fp._solve._as_solver(solver)
+        # Resolved once; the config keeps the JSON-able names. Only fixedpoint's public names are used here.
+        if solver not in fp.SOLVERS:
+            raise ValueError(f"solver must be one of {sorted(fp.SOLVERS)}, got {solver!r}")
+        self.solver = fp.SOLVERS[solver]()
         if backward == "stochastic_jfb":
             self.backward_mode: fp.Backward = fp.StochasticJFB(
                 min_no_grad=min_no_grad, max_no_grad=max_no_grad, min_with_grad=min_with_grad,
@@ -250,8 +252,11 @@ class FPDM(_Transformer):
             self.backward_mode = fp.JFB(steps=jfb_steps)
         else:
             self.backward_mode = fp.Implicit()
-        fp._solve.forward_options(solver=self.solver, max_steps=max_steps, rtol=rtol, atol=atol, check_every=1,
-                                  trace=False, on_nonfinite="report")  # validate now, not at the first forward
+        if not (isinstance(max_steps, int) and max_steps >= 1):
+            raise ValueError(f"max_steps must be an int >= 1, got {max_steps!r}")
+        for name, value in (("rtol", rtol), ("atol", atol)):
+            if not (isinstance(value, (int, float)) and value >= 0):
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
         self.generator: torch.Generator | None = None
 
     def fixed_point_map(self, x_inj: torch.Tensor, c: torch.Tensor):
