@@ -57,6 +57,18 @@ def _raise_if_nonfinite(nonfinite: torch.Tensor, num_steps: int) -> None:
         )
 
 
+def report(fz: torch.Tensor, z: torch.Tensor, *, rtol: float, atol: float, on_nonfinite: str,
+           num_steps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Residual, convergence and status of the iterate ``z`` (B, D) whose image is ``fz`` (B, D); raises for a
+    non-finite sample when asked to (one sync)."""
+    residual = _residual(fz, z)
+    nonfinite = ~torch.isfinite(residual)
+    converged = residual <= atol + rtol * _norm(fz)
+    if on_nonfinite == "raise":
+        _raise_if_nonfinite(nonfinite, num_steps)
+    return residual, converged, _status(converged, nonfinite)
+
+
 @torch.no_grad()
 def run_loop(
     f: Callable[[torch.Tensor], torch.Tensor],
@@ -100,17 +112,12 @@ def run_loop(
                 if k < max_steps - 1:
                     z = solver.step(state, z, fz, k)
         with no_autocast:
-            residual = _residual(fz, z)
-            if trace:
-                residuals.append(residual)
-            nonfinite = ~torch.isfinite(residual)
-            converged = residual <= atol + rtol * _norm(fz)
-        if on_nonfinite == "raise":
-            _raise_if_nonfinite(nonfinite, max_steps)
-        return LoopResult(
-            z=fz.view(shape), residual=residual, converged=converged, status=_status(converged, nonfinite),
-            num_steps=max_steps, trace=torch.stack(residuals) if trace else None,
-        )
+            residual, converged, status = report(fz, z, rtol=rtol, atol=atol, on_nonfinite=on_nonfinite,
+                                                 num_steps=max_steps)
+        if trace:
+            residuals.append(residual)
+        return LoopResult(z=fz.view(shape), residual=residual, converged=converged, status=status,
+                          num_steps=max_steps, trace=torch.stack(residuals) if trace else None)
 
     best_fz = torch.empty_like(z)
     best_res = torch.full((batch,), float("inf"), dtype=algebra_dtype(dtype), device=z.device)

@@ -118,7 +118,8 @@ def solve(
 
     ``f`` maps a tensor shaped like ``z0`` to the same shape; inputs and parameters reach it through the
     closure. It must not modify its input in place, and must return a tensor it will not overwrite later (clone
-    the output of a callable that reuses a static buffer, such as one captured in a CUDA graph). The leading dimension is the batch: residuals, convergence and stopping are per sample, and
+    the output of a callable that reuses a static buffer, such as one captured in a CUDA graph). The leading
+    dimension is the batch: residuals, convergence and stopping are per sample, and
     samples never mix, so a sample that produces NaN/Inf cannot corrupt the others.
 
     A sample has converged when ``||f(z) - z|| <= atol + rtol * ||f(z)||``, with ``||.||`` the Euclidean norm

@@ -114,16 +114,12 @@ class _Transformer(ModelMixin, ConfigMixin):
         if not x_t.is_floating_point():
             raise ValueError(f"x_t must be floating point, got {x_t.dtype}")
         batch = x_t.shape[0]
-        if not isinstance(t, torch.Tensor) or t.shape != (batch,):
-            raise ValueError(f"t must be a tensor of shape ({batch},), got "
-                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
-        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-            raise ValueError(f"t must hold integer timesteps, got dtype {t.dtype}")
-        if not isinstance(y, torch.Tensor) or y.shape != (batch,):
-            raise ValueError(f"y must be a tensor of shape ({batch},), got "
-                             f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}")
-        if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-            raise ValueError(f"y must hold integer class indices, got dtype {y.dtype}")
+        for name, value, kind in (("t", t, "integer timesteps"), ("y", y, "integer class indices")):
+            if not isinstance(value, torch.Tensor) or value.shape != (batch,):
+                got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise ValueError(f"{name} must be a tensor of shape ({batch},), got {got}")
+            if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+                raise ValueError(f"{name} must hold {kind}, got dtype {value.dtype}")
         # One host sync per forward: an out-of-range index would otherwise be a device-side assert on CUDA.
         bad = (t < 0).any() | (y < 0).any() | (y > cfg.num_classes).any()
         if bool(bad):

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .._loop import _norm, _raise_if_nonfinite, _residual, _status
+from .._loop import report
 from .._solution import Solution
 from ._base import Backward, Forward, to_solution
 
@@ -107,12 +107,9 @@ class StochasticJFB(Backward):
         fz = f(z0)
         batch = z0.shape[0]
         with torch.no_grad():
-            residual = _residual(fz.detach().reshape(batch, -1), z0.reshape(batch, -1))
-            converged = residual <= forward.atol + forward.rtol * _norm(fz.detach().reshape(batch, -1))
-            nonfinite = ~torch.isfinite(residual)
-            if forward.on_nonfinite == "raise":
-                _raise_if_nonfinite(nonfinite, 1)
-            status = _status(converged, nonfinite)
+            residual, converged, status = report(fz.detach().reshape(batch, -1), z0.reshape(batch, -1),
+                                                 rtol=forward.rtol, atol=forward.atol,
+                                                 on_nonfinite=forward.on_nonfinite, num_steps=1)
         trace = residual[None] if forward.trace else None
         return Solution(z=_unroll(f, fz, m - 1), residual=residual, converged=converged, status=status,
                         num_steps=m, trace=trace)
