@@ -113,6 +113,14 @@ class Diffusion:
         self.posterior_mean_coef1 = betas * torch.sqrt(a_prev) / (1.0 - a)
         self.posterior_mean_coef2 = (1.0 - a_prev) * torch.sqrt(alphas) / (1.0 - a)
 
+    def to(self, device: torch.device | str) -> Diffusion:
+        """Move the schedule tables to ``device`` (in place; returns ``self``), so that training steps on a GPU
+        do not copy them from the host on every call."""
+        for name, value in vars(self).items():
+            if isinstance(value, torch.Tensor):
+                setattr(self, name, value.to(device))
+        return self
+
     @staticmethod
     def _rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
         """Lin et al. (2024), Algorithm 1: shift and scale ``sqrt(alpha_bar)`` so that it ends at 0 and keeps its
@@ -174,11 +182,12 @@ class Diffusion:
 
     def loss(self, model: Callable[..., ModelOutput], x0: torch.Tensor, y: torch.Tensor, *,
              t: torch.Tensor | None = None, eps: torch.Tensor | None = None, class_dropout: float = 0.1,
-             generator: torch.Generator | None = None, **model_kwargs: object) -> Loss:
+             drop_labels: torch.Tensor | None = None, generator: torch.Generator | None = None,
+             **model_kwargs: object) -> Loss:
         """The training loss of one batch.
 
         Draws ``t ~ U{0..T-1}``, ``eps ~ N(0, I)`` and the labels to drop (probability ``class_dropout``, for
-        classifier-free guidance) from ``generator`` unless ``t``/``eps`` are given, then evaluates
+        classifier-free guidance) from ``generator`` unless ``t``/``eps``/``drop_labels`` are given, then evaluates
         ``model(x_t, t, y, drop_labels=..., **model_kwargs)``.
 
         Args:
@@ -201,8 +210,12 @@ class Diffusion:
             eps = torch.randn(x0.shape, generator=generator, device=draw_device, dtype=x0.dtype).to(device)
         elif eps.shape != x0.shape:
             raise ValueError(f"eps must have the shape of x0 {tuple(x0.shape)}, got {tuple(eps.shape)}")
-        drop = None
-        if class_dropout > 0:
+        drop = drop_labels
+        if drop is not None:
+            if drop.shape != (batch,) or drop.dtype != torch.bool:
+                raise ValueError(f"drop_labels must be a bool tensor of shape ({batch},), got "
+                                 f"{drop.dtype} {tuple(drop.shape)}")
+        elif class_dropout > 0:
             drop = (torch.rand(batch, generator=generator, device=draw_device) < class_dropout).to(device)
         x_t = self.q_sample(x0, t, eps)
         output = model(x_t, t, y, drop_labels=drop, **model_kwargs)

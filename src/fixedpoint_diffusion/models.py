@@ -70,7 +70,20 @@ def _block_macs(tokens: int, dim: int, mlp_ratio: float) -> int:
 
 
 class _Transformer(ModelMixin, ConfigMixin):
-    """What DiT and FPDM share: embedders, fixed positions, final layer, input checks, initialisation."""
+    """What DiT and FPDM share: embedders, fixed positions, final layer, input checks, initialisation.
+
+    ``enable_gradient_checkpointing()`` (from diffusers' ``ModelMixin``) recomputes each block's activations in
+    backward instead of storing them (non-reentrant, so it is safe under DDP); for FPDM this covers the explicit
+    blocks and every with-gradient fixed-point step. It only acts while gradients are enabled.
+    """
+
+    _supports_gradient_checkpointing = True
+    gradient_checkpointing = False
+
+    def _run_block(self, block: DiTBlock, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return self._gradient_checkpointing_func(block, h, c)
+        return block(h, c)
 
     def _build_shared(self, input_size: int, patch_size: int, in_channels: int, hidden_size: int, num_classes: int,
                       learn_sigma: bool) -> None:
@@ -178,7 +191,7 @@ class DiT(_Transformer):
         h, t_emb, y_emb = self._embed(x_t, t, y, drop_labels)
         c = t_emb + y_emb  # (B, D)
         for block in self.blocks:
-            h = block(h, c)  # (B, T, D)
+            h = self._run_block(block, h, c)  # (B, T, D)
         out = self._unpatchify(self.final_layer(h, c))  # (B, C_out, H, W)
         cfg = self.config
         macs = self._shared_macs(x_t.shape[0]) + x_t.shape[0] * cfg.depth * _block_macs(
@@ -264,7 +277,7 @@ class FPDM(_Transformer):
 
         def f(z: torch.Tensor) -> torch.Tensor:
             hidden = F.gelu(F.linear(z, fc1.weight[:, :dim]) + inj, approximate="tanh")  # (B, T, 2D)
-            return self.block_fixed_point(fc2(hidden), c)  # (B, T, D)
+            return self._run_block(self.block_fixed_point, fc2(hidden), c)  # (B, T, D)
 
         return f
 
@@ -291,7 +304,7 @@ class FPDM(_Transformer):
         c = t_emb + y_emb  # (B, D): the fixed-point block always sees the timestep
         c_explicit = c if cfg.timestep_conditioned_explicit else y_emb  # (B, D)
         for block in self.blocks_pre:
-            h = block(h, c_explicit)  # (B, T, D)
+            h = self._run_block(block, h, c_explicit)  # (B, T, D)
         x_inj = self.block_pre_projection(h)  # (B, T, D)
         f = self.fixed_point_map(x_inj, c)
         if z0 is None:
@@ -312,7 +325,7 @@ class FPDM(_Transformer):
                            atol=cfg.atol if atol is None else atol, trace=trace)
         h = sol.z
         for block in self.blocks_post:
-            h = block(h, c_explicit)  # (B, T, D)
+            h = self._run_block(block, h, c_explicit)  # (B, T, D)
         out = self._unpatchify(self.final_layer(h, c_explicit))  # (B, C_out, H, W)
         return ModelOutput(out=out, cost=self._cost(batch, sol.num_steps), z=sol.z, residual=sol.residual,
                            trace=sol.trace, solution=sol)

@@ -1,0 +1,90 @@
+"""The ``fpdm`` command: ``fpdm train``, ``fpdm extract-latents`` and ``fpdm configs``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+__all__ = ["main"]
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .train import train
+
+    config = load_config(args.config, args.overrides)
+    if args.out is not None:
+        config.train.out_dir = args.out
+        config.validate()
+    summary = train(config, resume=args.resume, device=args.device, progress=not args.no_progress)
+    if summary.out_dir is not None:
+        print(summary)
+    return 130 if summary.interrupted else 0
+
+
+def _extract(args: argparse.Namespace) -> int:
+    from .data import extract_latents
+
+    out = extract_latents(args.images, args.vae, args.out, image_size=args.image_size, batch_size=args.batch_size,
+                          flip=args.flip, posterior=args.posterior, seed=args.seed, dtype=args.dtype,
+                          device=args.device, vae_subfolder=args.vae_subfolder, progress=not args.no_progress)
+    print(f"latents written to {out}")
+    return 0
+
+
+def _configs(args: argparse.Namespace) -> int:
+    from .config import list_configs
+
+    print("\n".join(list_configs()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fpdm", description="Fixed Point Diffusion Models: training and data tools.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train FPDM or DiT (single process, or one per GPU under torchrun)",
+                       description="Train from a config (a shipped name, see `fpdm configs`, or a TOML file) with "
+                                   "section.key=value overrides, e.g. `fpdm train --config tiny "
+                                   "train.max_steps=500 model.hidden_size=128`. Multi-GPU: `torchrun "
+                                   "--nproc_per_node=8 -m fixedpoint_diffusion train --config ...`.")
+    p.add_argument("--config", required=True, help="shipped config name or path to a TOML file")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    p.add_argument("--out", help="run folder (same as train.out_dir=...)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run folder")
+    p.add_argument("--device", help="e.g. cpu, cuda:0 (default: cuda:LOCAL_RANK if available, else cpu)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("extract-latents", help="encode an image folder into VAE latents for training",
+                       description="Encode images (class sub-folders) with a local diffusers AutoencoderKL. Under "
+                                   "torchrun each process encodes its share and writes its own shard.")
+    p.add_argument("--images", required=True, help="image folder (one sub-folder per class, or flat)")
+    p.add_argument("--vae", required=True, help="local AutoencoderKL folder, e.g. a download of "
+                                                "stabilityai/sd-vae-ft-ema")
+    p.add_argument("--vae-subfolder", default=None, help="e.g. 'vae' for a pipeline folder")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--flip", action="store_true", help="also store horizontally flipped images' latents")
+    p.add_argument("--posterior", choices=["sample", "mean"], default="sample")
+    p.add_argument("--dtype", choices=["float32", "float16"], default="float32")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_extract)
+
+    p = sub.add_parser("configs", help="list the configs shipped with the package")
+    p.set_defaults(func=_configs)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        # Input errors: one clear line, no traceback.
+        print(f"fpdm {args.command}: error: {err}", file=sys.stderr)
+        return 2

@@ -1,0 +1,530 @@
+"""Training of FPDM and DiT: one process, or one process per GPU under ``torchrun`` (plain DDP).
+
+Reproducibility is by construction: every random draw of step ``s`` (timesteps, noise, label dropout, flips and
+the stochastic-JFB step counts) comes from a generator seeded by ``(seed, s)`` and is drawn for the *global*
+batch, of which each rank takes its slice; the data order of each epoch comes from ``(seed, epoch)``. So a run
+gives the same parameters whatever the number of processes (up to floating-point summation order), and a run
+resumed from a checkpoint continues bit for bit on CPU.
+
+Python::
+
+    from fixedpoint_diffusion import load_config, train
+    summary = train(load_config("tiny", ["train.max_steps=200"]))
+
+Command line: ``fpdm train --config tiny train.max_steps=200`` (see ``fpdm train --help``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import re
+import shutil
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from .config import Config, ConfigError
+from .data import ImageFolder, LatentDataset, Shapes
+from .diffusion import Diffusion
+from .models import FPDM, DiT, create_model
+
+__all__ = ["TrainState", "TrainSummary", "Trainer", "build_dataset", "latest_checkpoint", "train"]
+
+_CKPT = re.compile(r"^step-(\d{8})\.pt$")
+
+
+@dataclass
+class TrainState:
+    """What a hook sees after each optimizer step: the step just completed and, on log steps, the averaged
+    metrics of the last interval (``None`` otherwise)."""
+
+    step: int
+    metrics: dict[str, float] | None
+    checkpoint: Path | None
+
+
+@dataclass
+class TrainSummary:
+    """End-of-run figures (rank 0's view; metrics are averaged over ranks)."""
+
+    start_step: int
+    step: int
+    interrupted: bool
+    elapsed_s: float
+    steps_per_s: float
+    last_metrics: dict[str, float] | None
+    parameters: int
+    peak_memory_bytes: int | None
+    out_dir: Path
+    checkpoint: Path | None
+    ema_dir: Path | None
+
+    def __str__(self) -> str:
+        lines = [f"trained steps {self.start_step} -> {self.step}" + (" (interrupted)" if self.interrupted else ""),
+                 f"  {self.elapsed_s:.1f} s, {self.steps_per_s:.2f} steps/s, {self.parameters:,} parameters"]
+        if self.peak_memory_bytes is not None:
+            lines.append(f"  peak GPU memory {self.peak_memory_bytes / 2**30:.2f} GiB")
+        if self.last_metrics:
+            lines.append("  last: " + ", ".join(f"{k} {v:.4g}" for k, v in self.last_metrics.items()))
+        if self.checkpoint:
+            lines.append(f"  checkpoint {self.checkpoint}")
+        if self.ema_dir:
+            lines.append(f"  EMA model (from_pretrained) {self.ema_dir}")
+        return "\n".join(lines)
+
+
+def _seed(*parts: int) -> int:
+    """A well-mixed 63-bit seed from integers (numpy's SeedSequence hashing)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def build_dataset(config: Config, seed: int | None = None):
+    """The dataset a config names (errors on a missing/empty folder or a bad latent folder come from here)."""
+    data = config.data
+    if data.kind == "shapes":
+        return Shapes(data.num_samples, data.image_size, seed=config.train.seed if seed is None else seed)
+    if data.kind == "images":
+        return ImageFolder(data.path, data.image_size)
+    return LatentDataset(data.path)
+
+
+class _StepBatches:
+    """Per-rank index lists for steps ``start .. stop-1``: epoch ``e`` is a permutation seeded by ``(seed, e)``
+    cut into global batches (the last partial one dropped); rank ``r`` takes the ``r``-th slice of each."""
+
+    def __init__(self, size: int, global_batch: int, rank: int, world: int, seed: int, start: int, stop: int):
+        self.size, self.global_batch, self.rank, self.world = size, global_batch, rank, world
+        self.seed, self.start, self.stop = seed, start, stop
+        self.per_epoch = size // global_batch
+        self.local = global_batch // world
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        epoch, perm = -1, None
+        for step in range(self.start, self.stop):
+            e, pos = divmod(step, self.per_epoch)
+            if e != epoch:
+                epoch = e
+                perm = torch.randperm(self.size, generator=torch.Generator().manual_seed(_seed(self.seed, 1, e)))
+            first = pos * self.global_batch + self.rank * self.local
+            yield perm[first:first + self.local].tolist()
+
+
+def _as_batch(batch):
+    return batch  # datasets return whole batches through __getitems__
+
+
+class _Objective(nn.Module):
+    """Model + loss in one module, so that DDP wraps a forward that returns plain tensors; only the model runs
+    under autocast, the loss and the diffusion tables stay in fp32/fp64."""
+
+    def __init__(self, model: nn.Module, diffusion: Diffusion, autocast: torch.dtype | None, device_type: str):
+        super().__init__()
+        self.model = model
+        self.diffusion = diffusion
+        self.autocast, self.device_type = autocast, device_type
+
+    def forward(self, x0, y, t, eps, drop):
+        def run(*args, **kwargs):
+            with torch.autocast(self.device_type, dtype=self.autocast or torch.float32,
+                                enabled=self.autocast is not None):
+                return self.model(*args, **kwargs)
+
+        loss = self.diffusion.loss(run, x0, y, t=t, eps=eps, drop_labels=drop, class_dropout=0.0)
+        out = loss.output
+        if out.residual is not None and out.z is not None:  # relative: ||f(z) - z|| / ||f(z)||, batch mean
+            z_norm = out.z.detach().float().flatten(1).norm(dim=1).clamp_min(1e-12)
+            residual = (out.residual.detach().float() / z_norm).mean()
+        else:
+            residual = loss.mse.new_zeros(())
+        return loss.loss, loss.mse.detach().mean(), loss.vb.detach().mean(), residual
+
+
+def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
+    """The newest complete ``step-XXXXXXXX.pt`` in ``out_dir/checkpoints`` (temporary files are ignored)."""
+    folder = Path(out_dir) / "checkpoints"
+    if not folder.is_dir():
+        return None
+    found = sorted(p for p in folder.iterdir() if _CKPT.match(p.name))
+    return found[-1] if found else None
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        torch.save(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _model_signature(model: nn.Module) -> dict[str, Any]:
+    return {"class": type(model).__name__, **{k: v for k, v in dict(model.config).items() if not k.startswith("_")}}
+
+
+class Trainer:
+    """One training run. Everything that can be wrong with the inputs (config values, data folder, data
+    shapes and classes against the model, batch size against the number of processes and the dataset, an output
+    folder holding another run, a checkpoint of another model) is checked in the constructor, before any
+    training compute.
+
+    Args:
+        config: the run's :class:`~fixedpoint_diffusion.config.Config`.
+        resume: continue from the newest checkpoint in ``train.out_dir`` (start from scratch if there is none).
+            Without it, an ``out_dir`` that already holds checkpoints is an error, so nothing is overwritten.
+        device: default: ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU.
+        hooks: callables run on rank 0 after each optimizer step with a :class:`TrainState`.
+        progress: show a tqdm bar on rank 0.
+    """
+
+    def __init__(self, config: Config, *, resume: bool = False, device: str | torch.device | None = None,
+                 hooks: Sequence[Callable[[TrainState], None]] = (), progress: bool = True) -> None:
+        config.validate()
+        self.config, self.hooks, self.progress = config, list(hooks), progress
+        tr = config.train
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
+        if device is None:
+            device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}") if cuda else torch.device("cpu")
+        self.device = torch.device(device)
+        if tr.global_batch_size % self.world:
+            raise ConfigError(f"train.global_batch_size={tr.global_batch_size} must be divisible by the number of "
+                              f"processes ({self.world})")
+        self.out_dir = Path(tr.out_dir)
+
+        # Data (checks the folder, emptiness and latent shapes) and its fit with the model.
+        self.dataset = build_dataset(config)
+        if len(self.dataset) < tr.global_batch_size:
+            raise ValueError(f"the dataset has {len(self.dataset)} samples, fewer than one global batch "
+                             f"(train.global_batch_size={tr.global_batch_size})")
+        x, _ = self.dataset[0]
+        m = config.model
+        self.model = self._build_model()
+        mc = self.model.config
+        expected = (mc.in_channels, mc.input_size, mc.input_size)
+        if tuple(x.shape) != expected:
+            hint = ("set model.in_channels/model.input_size to match the data" if config.data.kind != "latents" else
+                    f"these latents come from {getattr(self.dataset, 'meta', {}).get('image_size')}px images; set "
+                    f"model.input_size={x.shape[-1]} and model.in_channels={x.shape[0]}")
+            raise ValueError(f"data samples have shape {tuple(x.shape)} but {m['name']} expects {expected}: {hint}")
+        if self.dataset.num_classes > mc.num_classes:
+            raise ValueError(f"the dataset has {self.dataset.num_classes} classes but model.num_classes="
+                             f"{mc.num_classes}")
+
+        # An existing run is only continued on request, and only with the same model.
+        self.checkpoint_path = latest_checkpoint(self.out_dir)
+        if self.checkpoint_path is not None and not resume:
+            raise FileExistsError(f"{self.out_dir} already holds checkpoints (newest: {self.checkpoint_path.name}); "
+                                  f"pass --resume (resume=True) to continue that run, or choose another "
+                                  f"train.out_dir")
+        self.checkpoint = None
+        if self.checkpoint_path is not None:
+            self.checkpoint = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
+            self._check_checkpoint(self.checkpoint)
+        self._setup_done = False
+
+    # --- construction ------------------------------------------------------------------------------------------
+
+    def _build_model(self) -> DiT | FPDM:
+        m = dict(self.config.model)
+        name = m.pop("name")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.config.train.seed)  # the same initialisation on every rank
+            return create_model(name, **m)
+
+    def _check_checkpoint(self, ckpt: dict[str, Any]) -> None:
+        ours, theirs = _model_signature(self.model), ckpt.get("model_signature", {})
+        diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+        if diff:
+            shown = "; ".join(f"{k}: checkpoint {theirs.get(k)!r}, config {ours.get(k)!r}" for k in diff[:6])
+            raise ValueError(f"checkpoint {self.checkpoint_path} was written for another model ({shown})")
+        saved_diffusion = ckpt.get("config", {}).get("diffusion")
+        if saved_diffusion is not None and saved_diffusion != self.config.to_dict()["diffusion"]:
+            raise ValueError(f"checkpoint {self.checkpoint_path} was trained with diffusion settings "
+                             f"{saved_diffusion}, the config says {self.config.to_dict()['diffusion']}")
+
+    def _setup(self) -> None:
+        cfg, tr = self.config, self.config.train
+        if self.world > 1 and not dist.is_initialized():
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        if dist.is_initialized() and dist.get_world_size() != self.world:
+            raise RuntimeError(f"WORLD_SIZE={self.world} but the process group has {dist.get_world_size()} ranks")
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = tr.tf32
+            torch.backends.cudnn.allow_tf32 = tr.tf32
+        autocast = None
+        if tr.mixed_precision == "bf16" or (tr.mixed_precision == "auto" and self.device.type == "cuda"):
+            autocast = torch.bfloat16
+        self.autocast = autocast
+        model = self.model.to(self.device)
+        self.ema = copy.deepcopy(model).requires_grad_(False).eval()
+        if tr.gradient_checkpointing:
+            model.enable_gradient_checkpointing()
+        if tr.compile:
+            for module in model.modules():
+                if type(module).__name__ == "DiTBlock":
+                    module.compile()
+        self.diffusion = Diffusion(cfg.diffusion.num_timesteps, cfg.diffusion.beta_start, cfg.diffusion.beta_end,
+                                   zero_terminal_snr=cfg.diffusion.zero_terminal_snr,
+                                   prediction=cfg.diffusion.prediction, learn_sigma=model.config.learn_sigma,
+                                   mean_loss=cfg.diffusion.mean_loss).to(self.device)
+        objective = _Objective(model, self.diffusion, autocast, self.device.type)
+        if dist.is_initialized():
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            objective = DistributedDataParallel(objective, device_ids=ids)
+        self.objective = objective
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=tr.lr, weight_decay=tr.weight_decay,
+                                           betas=tuple(tr.betas))
+        self.step = 0
+        if self.checkpoint is not None:
+            ckpt = self.checkpoint
+            self.model.load_state_dict(ckpt["model"])
+            self.ema.load_state_dict(ckpt["ema"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.step = int(ckpt["step"])
+            torch.set_rng_state(ckpt["rng"]["torch"])
+            if self.device.type == "cuda" and ckpt["rng"].get("cuda"):
+                torch.cuda.set_rng_state(ckpt["rng"]["cuda"], self.device)
+            self.checkpoint = None  # free the host copy
+        self._setup_done = True
+
+    # --- one step ---------------------------------------------------------------------------------------------
+
+    def _draws(self, step: int, shape: tuple[int, ...]):
+        """The step's random draws for the global batch, sliced to this rank (CPU generator: the same on every
+        rank and every device)."""
+        tr, G = self.config.train, self.config.train.global_batch_size
+        g = torch.Generator().manual_seed(_seed(tr.seed, 2, step))
+        t = torch.randint(0, self.diffusion.num_timesteps, (G,), generator=g)
+        eps = torch.randn((G, *shape), generator=g)
+        drop = torch.rand(G, generator=g) < tr.class_dropout
+        flip = torch.rand(G, generator=g) < 0.5
+        sjfb_seed = int(torch.randint(0, 2**62, (1,), generator=g))
+        local = slice(self.rank * (G // self.world), (self.rank + 1) * (G // self.world))
+        move = {"device": self.device, "non_blocking": True}
+        return (t[local].to(**move), eps[local].to(**move), drop[local].to(**move), flip[local].to(**move),
+                sjfb_seed)
+
+    def _train_step(self, x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
+        tr = self.config.train
+        x = x.to(self.device, non_blocking=True)
+        y = y.to(self.device, non_blocking=True)
+        t, eps, drop, flip, sjfb_seed = self._draws(step, tuple(x.shape[1:]))
+        if self.config.data.hflip and self.config.data.kind != "latents":
+            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+        if isinstance(self.model, FPDM):  # identical stochastic-JFB draws on every rank
+            self.model.generator = torch.Generator().manual_seed(sjfb_seed)
+        loss, mse, vb, residual = self.objective(x, y, t, eps, drop)
+        loss.backward()
+        if tr.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), tr.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            ema_p, p = list(self.ema.parameters()), list(self.model.parameters())
+            torch._foreach_lerp_(ema_p, p, 1.0 - tr.ema_decay)
+        return torch.stack([loss.detach(), mse, vb, residual])
+
+    # --- checkpoints ------------------------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> Path | None:
+        """Write ``checkpoints/step-XXXXXXXX.pt`` (atomically: a temporary file renamed into place) and the EMA
+        model as a ``save_pretrained`` folder ``ema/`` (swapped in whole); keep the newest
+        ``train.keep_checkpoints``. Rank 0 writes; all ranks wait for it."""
+        path = None
+        if self.rank == 0:
+            folder = self.out_dir / "checkpoints"
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"step-{self.step:08d}.pt"
+            rng = {"torch": torch.get_rng_state()}
+            if self.device.type == "cuda":
+                rng["cuda"] = torch.cuda.get_rng_state(self.device)
+            state = {"format": 1, "step": self.step, "model": self.model.state_dict(),
+                     "ema": self.ema.state_dict(), "optimizer": self.optimizer.state_dict(),
+                     "config": self.config.to_dict(), "model_signature": _model_signature(self.model), "rng": rng,
+                     "world_size": self.world}
+            _save_atomic(state, path)
+            self._save_ema()
+            old = sorted(p for p in folder.iterdir() if _CKPT.match(p.name))[:-self.config.train.keep_checkpoints]
+            for stale in old:
+                stale.unlink()
+        if dist.is_initialized():
+            dist.barrier()
+        return path
+
+    def _save_ema(self) -> None:
+        final, tmp, old = self.out_dir / "ema", self.out_dir / "ema.tmp", self.out_dir / "ema.old"
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.ema.save_pretrained(tmp)
+        (tmp / "training_step.json").write_text(json.dumps({"step": self.step}))
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+
+    # --- the loop ---------------------------------------------------------------------------------------------
+
+    def run(self) -> TrainSummary:
+        """Train up to ``train.max_steps``; Ctrl-C (SIGINT) or SIGTERM stops at the next step boundary (on every
+        rank at the same step) and writes a checkpoint first."""
+        from tqdm.auto import tqdm
+
+        if not self._setup_done:
+            self._setup()
+        tr = self.config.train
+        start = self.step
+        is_main = self.rank == 0
+        if is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=1))
+        log = open(self.out_dir / "log.jsonl", "a") if is_main else None  # noqa: SIM115 - closed in finally
+        board = _tensorboard(self.out_dir) if is_main else None
+        sampler = _StepBatches(len(self.dataset), tr.global_batch_size, self.rank, self.world, tr.seed, start,
+                               tr.max_steps)
+        loader = DataLoader(self.dataset, batch_sampler=sampler, collate_fn=_as_batch,
+                            num_workers=self.config.data.num_workers, pin_memory=self.device.type == "cuda",
+                            persistent_workers=False)
+        stop = _StopFlag()
+        bar = tqdm(total=tr.max_steps, initial=start, desc="train", disable=not (is_main and self.progress),
+                   dynamic_ncols=True)
+        parameters = sum(p.numel() for p in self.model.parameters())
+        sums = torch.zeros(4, device=self.device)
+        count, interval_start, t0 = 0, time.perf_counter(), time.perf_counter()
+        last_metrics, last_ckpt, interrupted = None, None, False
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.objective.train()
+        try:
+            with stop:
+                for x, y in loader:
+                    sums += self._train_step(x, y, self.step)
+                    self.step += 1
+                    count += 1
+                    bar.update(1)
+                    metrics, ckpt = None, None
+                    log_now = self.step % tr.log_every == 0 or self.step == tr.max_steps
+                    if log_now or (stop.requested and self.world == 1):
+                        metrics = self._reduce(sums, count, time.perf_counter() - interval_start)
+                        sums.zero_()
+                        count, interval_start = 0, time.perf_counter()
+                        last_metrics = metrics
+                        if is_main:
+                            bar.set_postfix(loss=f"{metrics['loss']:.4f}", residual=f"{metrics['residual']:.3g}")
+                            log.write(json.dumps({"step": self.step, **metrics, "time": time.time()}) + "\n")
+                            log.flush()
+                            if board is not None:
+                                for key, value in metrics.items():
+                                    board.add_scalar(f"train/{key}", value, self.step)
+                    # Every rank must agree on stopping: in a multi-process run the flag is all-reduced on log
+                    # steps (which already synchronise), so a stop lands at the next log step.
+                    stopping = stop.requested if self.world == 1 else (log_now and _any_rank(stop.requested,
+                                                                                              self.device))
+                    if self.step % tr.checkpoint_every == 0 or self.step == tr.max_steps or stopping:
+                        ckpt = last_ckpt = self.save_checkpoint()
+                    if is_main:
+                        for hook in self.hooks:
+                            hook(TrainState(step=self.step, metrics=metrics, checkpoint=ckpt))
+                    if stopping:
+                        interrupted = True
+                        break
+        finally:
+            bar.close()
+            if log is not None:
+                log.close()
+            if board is not None:
+                board.close()
+        elapsed = time.perf_counter() - t0
+        peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
+        summary = TrainSummary(start_step=start, step=self.step, interrupted=interrupted, elapsed_s=elapsed,
+                               steps_per_s=(self.step - start) / elapsed if elapsed > 0 else 0.0,
+                               last_metrics=last_metrics, parameters=parameters, peak_memory_bytes=peak,
+                               out_dir=self.out_dir, checkpoint=last_ckpt,
+                               ema_dir=self.out_dir / "ema" if last_ckpt is not None else None)
+        if is_main:
+            with open(self.out_dir / "summary.json", "w") as fh:
+                json.dump({k: (str(v) if isinstance(v, Path) else v) for k, v in vars(summary).items()}, fh,
+                          indent=1)
+        return summary
+
+    def _reduce(self, sums: torch.Tensor, count: int, seconds: float) -> dict[str, float]:
+        values = sums / max(count, 1)
+        if dist.is_initialized():
+            dist.all_reduce(values)
+            values /= self.world
+        loss, mse, vb, residual = values.tolist()
+        return {"loss": loss, "mse": mse, "vb": vb, "residual": residual,
+                "steps_per_s": count / seconds if seconds > 0 else 0.0}
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    value = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def _tensorboard(out_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(out_dir / "tensorboard"))
+
+
+class _StopFlag(contextlib.AbstractContextManager):
+    """Turns SIGINT/SIGTERM into a flag checked at step boundaries (a second Ctrl-C stops at once)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name}: stopping after this step and writing a checkpoint "
+              f"(press Ctrl-C again to abort without one)", file=sys.stderr)
+
+    def __enter__(self) -> _StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return None
+
+
+def train(config: Config, *, resume: bool = False, device: str | torch.device | None = None,
+          hooks: Sequence[Callable[[TrainState], None]] = (), progress: bool = True) -> TrainSummary:
+    """Train a model as ``config`` says (see :class:`Trainer` for the arguments); returns the run's
+    :class:`TrainSummary`. Under ``torchrun``, call it in every process."""
+    trainer = Trainer(config, resume=resume, device=device, hooks=hooks, progress=progress)
+    try:
+        return trainer.run()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
