@@ -20,7 +20,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
-from .models import DiT, FPDM
+from .models import FPDM, DiT
 
 __all__ = ["Config", "ConfigError", "DataConfig", "DiffusionConfig", "TrainConfig", "list_configs", "load_config"]
 

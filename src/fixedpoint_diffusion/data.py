@@ -271,8 +271,8 @@ def extract_latents(images: str | os.PathLike, vae: str | os.PathLike, out: str 
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     if not (isinstance(image_size, int) and image_size >= 8 and image_size % 8 == 0):
         raise ValueError(f"image_size must be a multiple of 8 (the VAE downsamples by 8), got {image_size!r}")
-    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
-    world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+    rank = int(os.environ.get("RANK", "0")) if rank is None else rank
+    world_size = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
     classes, items = _scan_image_folder(images)  # errors on a missing/empty folder before the VAE is loaded
@@ -281,7 +281,7 @@ def extract_latents(images: str | os.PathLike, vae: str | os.PathLike, out: str 
         raise FileNotFoundError(f"vae {str(vae)!r}: no config.json{' in ' + vae_subfolder if vae_subfolder else ''}; "
                                 f"give a local AutoencoderKL folder (saved with save_pretrained)")
     if device is None:
-        local = int(os.environ.get("LOCAL_RANK", 0))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
         device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
     device = torch.device(device)
     model = AutoencoderKL.from_pretrained(vae_path, subfolder=vae_subfolder, local_files_only=True).to(device).eval()

@@ -505,7 +505,7 @@ class _StopFlag(contextlib.AbstractContextManager):
         print(f"\n{signal.Signals(signum).name}: stopping after this step and writing a checkpoint "
               f"(press Ctrl-C again to abort without one)", file=sys.stderr)
 
-    def __enter__(self) -> _StopFlag:
+    def __enter__(self) -> _StopFlag:  # noqa: PYI034 - private, never subclassed
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -514,7 +514,6 @@ class _StopFlag(contextlib.AbstractContextManager):
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-        return None
 
 
 def train(config: Config, *, resume: bool = False, device: str | torch.device | None = None,

@@ -1,0 +1,217 @@
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from micro import micro_raw
+
+import fixedpoint_diffusion as fd
+from fixedpoint_diffusion import cli
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def _state(out_dir, step):
+    return torch.load(Path(out_dir) / "checkpoints" / f"step-{step:08d}.pt", weights_only=True)
+
+
+def test_training_runs_logs_and_writes_a_loadable_ema(tmp_path):
+    cfg = fd.load_config(micro_raw(tmp_path / "run", model="FPDM-S/2"))
+    seen = []
+    summary = fd.train(cfg, progress=False, hooks=[seen.append])
+    assert summary.step == 4 and not summary.interrupted and summary.parameters > 0
+    assert [s.step for s in seen] == [1, 2, 3, 4]
+    assert [s.checkpoint is not None for s in seen] == [False, True, False, True]
+    lines = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [2, 4]
+    assert all(np.isfinite(line["loss"]) and line["residual"] > 0 for line in lines)
+    ema = fd.FPDM.from_pretrained(tmp_path / "run" / "ema")
+    ckpt = _state(tmp_path / "run", 4)
+    for key, value in ema.state_dict().items():
+        assert torch.equal(value, ckpt["ema"][key])
+    assert not all(torch.equal(ckpt["ema"][k], ckpt["model"][k]) for k in ckpt["model"])
+    # keep_checkpoints=2 by default: both kept; a third run step would prune the oldest.
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-00000002.pt",
+                                                                                    "step-00000004.pt"]
+
+
+def test_ema_is_the_constant_decay_average(tmp_path):
+    raw = micro_raw(tmp_path / "run", model="DiT-S/2", train={"max_steps": 2, "checkpoint_every": 1,
+                                                               "keep_checkpoints": 3})
+    fd.train(fd.load_config(raw), progress=False)
+    s1, s2 = _state(tmp_path / "run", 1), _state(tmp_path / "run", 2)
+    init = fd.Trainer(fd.load_config(micro_raw(tmp_path / "fresh", model="DiT-S/2")), progress=False).model
+    for key, p0 in init.state_dict().items():
+        if key == "pos_embed":
+            continue
+        ema1 = 0.9 * p0 + 0.1 * s1["model"][key]
+        ema2 = 0.9 * ema1 + 0.1 * s2["model"][key]
+        assert torch.allclose(s2["ema"][key], ema2, atol=1e-6), key
+
+
+_KILLED_RUN = """
+import json, os, signal, sys
+import fixedpoint_diffusion as fd
+from fixedpoint_diffusion import cli
+cfg = fd.load_config(json.loads(sys.argv[1]))
+def hook(state):
+    if state.step == 5:
+        os.kill(os.getpid(), signal.SIGKILL)  # dies after step 5, with the step-4 checkpoint on disk
+fd.train(cfg, progress=False, hooks=[hook], resume=True)
+"""
+
+
+def test_resume_after_a_kill_is_bit_for_bit(tmp_path):
+    raw = micro_raw(tmp_path / "a", train={"max_steps": 6, "checkpoint_every": 2, "log_every": 3})
+    fd.train(fd.load_config(raw), progress=False)
+
+    raw_b = micro_raw(tmp_path / "b", train={"max_steps": 6, "checkpoint_every": 2, "log_every": 3})
+    proc = subprocess.run([sys.executable, "-c", _KILLED_RUN, json.dumps(raw_b)], check=False, env=_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert fd.latest_checkpoint(tmp_path / "b").name == "step-00000004.pt"
+    summary = fd.train(fd.load_config(raw_b), resume=True, progress=False)
+    assert (summary.start_step, summary.step) == (4, 6)
+    a, b = _state(tmp_path / "a", 6), _state(tmp_path / "b", 6)
+    for part in ("model", "ema"):
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), (part, key)
+    for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert all(torch.equal(pa[k], pb[k]) for k in pa)
+
+
+def test_ctrl_c_stops_at_a_step_boundary_with_a_checkpoint(tmp_path):
+    raw = micro_raw(tmp_path / "run", train={"max_steps": 50, "checkpoint_every": 100, "log_every": 100})
+
+    def hook(state):
+        if state.step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    summary = fd.train(fd.load_config(raw), progress=False, hooks=[hook])
+    # The signal arrives after step 3 (as if during step 4): step 4 completes, then the run stops and saves.
+    assert summary.interrupted and summary.step == 4
+    assert fd.latest_checkpoint(tmp_path / "run").name == "step-00000004.pt"
+    assert _state(tmp_path / "run", 4)["step"] == 4
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    for name, kw in (("FPDM-S/2", {"backward": "jfb", "jfb_steps": 3, "max_steps": 4}), ("DiT-S/2", {"depth": 2})):
+        model = fd.create_model(name, input_size=8, in_channels=3, num_classes=4, hidden_size=32, num_heads=2, **kw)
+        for p in model.parameters():  # leave adaLN-Zero's zero init, so every path carries gradient
+            torch.nn.init.normal_(p, std=0.05)
+        x, t, y = torch.randn(2, 3, 8, 8), torch.tensor([10, 500]), torch.tensor([0, 3])
+        grads = []
+        for checkpointing in (False, True):
+            model.zero_grad()
+            if checkpointing:
+                model.enable_gradient_checkpointing()
+            model(x, t, y).out.square().sum().backward()
+            grads.append([p.grad.clone() for p in model.parameters()])
+        for g0, g1 in zip(*grads):
+            assert torch.allclose(g0, g1, atol=1e-6)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["FPDM-S/2", "DiT-S/2"])
+def test_torchrun_two_processes_equal_one_process(tmp_path, model):
+    raw = micro_raw(tmp_path / "single", model=model, train={"max_steps": 3, "checkpoint_every": 3})
+    fd.train(fd.load_config(raw), progress=False)
+    cfg_path = tmp_path / "ddp.toml"
+    cfg_path.write_text(_toml(micro_raw(tmp_path / "ddp", model=model, train={"max_steps": 3,
+                                                                              "checkpoint_every": 3})))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={_free_port()}", "-m", "fixedpoint_diffusion", "train", "--config", str(cfg_path),
+           "--no-progress", "--device", "cpu"]
+    env = _env()
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    single, ddp = _state(tmp_path / "single", 3), _state(tmp_path / "ddp", 3)
+    assert ddp["world_size"] == 2 and single["world_size"] == 1
+    for key, value in single["model"].items():
+        assert torch.allclose(value, ddp["model"][key], atol=2e-5, rtol=1e-4), key
+    init = fd.Trainer(fd.load_config(micro_raw(tmp_path / "init", model=model)), progress=False).model.state_dict()
+    assert any(not torch.allclose(init[k], v) for k, v in single["model"].items())  # it did train
+    # Logged metrics are averaged over ranks: the same numbers as the single process's.
+    logs = [[json.loads(line) for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+            for run in ("single", "ddp")]
+    for a, b in zip(*logs):
+        assert a["step"] == b["step"] and np.isclose(a["loss"], b["loss"], rtol=1e-4)
+
+
+def _toml(raw):
+    def value(v):
+        return json.dumps(v) if not isinstance(v, bool) else str(v).lower()
+
+    return "\n".join(f"[{name}]\n" + "\n".join(f"{k} = {value(v)}" for k, v in section.items())
+                     for name, section in raw.items()) + "\n"
+
+
+# --- bad input: one clear error before any training compute ------------------------------------------------------
+
+
+def _expect(raw, exc, match, *, resume=False):
+    with pytest.raises(exc, match=match):
+        fd.Trainer(fd.load_config(raw), resume=resume, progress=False)
+    assert not (Path(raw["train"]["out_dir"]) / "log.jsonl").exists()
+
+
+def test_bad_inputs_fail_before_training(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    _expect(micro_raw(out, data={"kind": "images", "path": str(tmp_path / "missing")}), FileNotFoundError,
+            "does not exist")
+    (tmp_path / "empty").mkdir()
+    _expect(micro_raw(out, data={"kind": "images", "path": str(tmp_path / "empty")}), ValueError, "holds no images")
+    _expect(micro_raw(out, data={"kind": "latents", "path": str(tmp_path / "empty")}), FileNotFoundError,
+            "manifest.json")
+    _expect(micro_raw(out, data={"image_size": 16}), ValueError, r"shape \(3, 16, 16\) but FPDM-S/2 expects")
+    _expect(micro_raw(out, model="DiT-S/2", data={"num_samples": 4}), ValueError, "fewer than one global batch")
+    raw = micro_raw(out)
+    raw["model"]["num_classes"] = 4
+    _expect(raw, ValueError, "8 classes but model.num_classes=4")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    _expect(micro_raw(out), ValueError, "divisible by the number of processes")
+
+
+def test_existing_runs_are_never_overwritten_nor_resumed_with_another_model(tmp_path):
+    raw = micro_raw(tmp_path / "run", train={"max_steps": 2})
+    fd.train(fd.load_config(raw), progress=False)
+    before = (tmp_path / "run" / "checkpoints" / "step-00000002.pt").read_bytes()
+    with pytest.raises(FileExistsError, match="pass --resume"):
+        fd.Trainer(fd.load_config(raw), progress=False)
+    other = micro_raw(tmp_path / "run", train={"max_steps": 2})
+    other["model"]["hidden_size"] = 64
+    with pytest.raises(ValueError, match="written for another model .*hidden_size: checkpoint 32, config 64"):
+        fd.Trainer(fd.load_config(other), resume=True, progress=False)
+    dit = micro_raw(tmp_path / "run", model="DiT-S/2", train={"max_steps": 2})
+    with pytest.raises(ValueError, match="class: checkpoint 'FPDM', config 'DiT'"):
+        fd.Trainer(fd.load_config(dit), resume=True, progress=False)
+    assert (tmp_path / "run" / "checkpoints" / "step-00000002.pt").read_bytes() == before
+
+
+def test_cli_reports_input_errors_in_one_line(tmp_path, capsys):
+    code = cli.main(["train", "--config", "tiny", "train.lrr=1", "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("fpdm train: error: unknown key train.lrr") and "Traceback" not in err
+    assert cli.main(["configs"]) == 0 and "fpdm-xl2-imagenet256" in capsys.readouterr().out
