@@ -33,3 +33,19 @@ def test_gradients_benchmark_tiny(tmp_path, capsys):
     # the implicit gradient is far closer to the exact one than 1-step JFB on every problem
     for a, b in zip(implicit, jfb1):
         assert a["rel_error"] < 1e-3 < b["rel_error"]
+
+
+@pytest.mark.slow
+def test_training_benchmark_tiny(tmp_path, capsys):
+    out = tmp_path / "training.json"
+    _load("training").main(["--tiny", "--device", "cpu", "--out", str(out)])
+    result = json.loads(out.read_text())
+    rows = {row["model"]: row for row in result["rows"]}
+    assert set(rows) == {"FPDM-S/2", "DiT-S/2"} and "| FPDM-S/2 |" in capsys.readouterr().out
+    # Parameter counts are exact, not timings: FPDM-S/2 = 3 blocks + injection MLP vs DiT-S/2's 12 blocks.
+    import fixedpoint_diffusion as fd
+
+    for name, row in rows.items():
+        model = fd.create_model(name, input_size=8, num_classes=1000)
+        assert row["params"] == sum(p.numel() for p in model.parameters())
+    assert all(row["step_ms"] > 0 and row["saved_mib"] > 0 and row["peak_mib"] is None for row in rows.values())
