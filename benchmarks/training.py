@@ -151,13 +151,14 @@ def main(argv: list[str] | None = None) -> dict:
     base = next((r for r in rows if r["model"].startswith("DiT")), None)
     print("| model | params | step ms | x DiT | peak MiB | x DiT | saved-for-backward MiB | x DiT | fwd GMACs |")
     print("|---|---|---|---|---|---|---|---|---|")
+    def ratio(r, key):
+        return f"{r[key] / base[key]:.2f}" if base and r[key] is not None and base[key] else "-"
+
     for r in rows:
-        def ratio(key):
-            return f"{r[key] / base[key]:.2f}" if base and r[key] is not None and base[key] else "-"
 
         peak = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "-"
-        print(f"| {r['model']} | {r['params']:,} | {r['step_ms']:.1f} | {ratio('step_ms')} | {peak} | "
-              f"{ratio('peak_mib')} | {r['saved_mib']:.1f} | {ratio('saved_mib')} | {r['fwd_gmacs']:.2f} |")
+        print(f"| {r['model']} | {r['params']:,} | {r['step_ms']:.1f} | {ratio(r, 'step_ms')} | {peak} | "
+              f"{ratio(r, 'peak_mib')} | {r['saved_mib']:.1f} | {ratio(r, 'saved_mib')} | {r['fwd_gmacs']:.2f} |")
     result = {"benchmark": "training", "date": datetime.date.today().isoformat(),
               "command": "python benchmarks/training.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
