@@ -1,4 +1,4 @@
-"""The ``fpdm`` command: ``fpdm train``, ``fpdm extract-latents`` and ``fpdm configs``."""
+"""The ``fpdm`` command: ``fpdm train``, ``fpdm extract-latents``, ``fpdm sample`` and ``fpdm configs``."""
 
 from __future__ import annotations
 
@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_extract)
+
+    from .sample_cli import add_parser as add_sample
+
+    add_sample(sub)
 
     p = sub.add_parser("configs", help="list the configs shipped with the package")
     p.set_defaults(func=_configs)

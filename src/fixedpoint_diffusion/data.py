@@ -284,7 +284,8 @@ def extract_latents(images: str | os.PathLike, vae: str | os.PathLike, out: str 
         local = int(os.environ.get("LOCAL_RANK", "0"))
         device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
     device = torch.device(device)
-    model = AutoencoderKL.from_pretrained(vae_path, subfolder=vae_subfolder, local_files_only=True).to(device).eval()
+    model = AutoencoderKL.from_pretrained(vae_path, subfolder=vae_subfolder, local_files_only=True,
+                                          low_cpu_mem_usage=False).to(device).eval()
     scaling = float(model.config.scaling_factor)
     shift = getattr(model.config, "shift_factor", None)
     out = Path(out)

@@ -94,6 +94,7 @@ class Diffusion:
             raise ValueError("zero_terminal_snr=True needs prediction='v': at zero SNR, x_t carries no signal and an "
                              "epsilon prediction cannot recover x0")
         self.num_timesteps = num_timesteps
+        self.beta_start, self.beta_end, self.zero_terminal_snr = beta_start, beta_end, zero_terminal_snr
         self.prediction = prediction
         self.learn_sigma = learn_sigma
         self.mean_loss = mean_loss

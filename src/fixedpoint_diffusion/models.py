@@ -284,7 +284,7 @@ class FPDM(_Transformer):
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *, num_steps: int | None = None,
                 z0: torch.Tensor | None = None, trace: bool = False, drop_labels: torch.Tensor | None = None,
                 solver: fp.Solver | str | None = None, backward: fp.Backward | str | None = None,
-                rtol: float | None = None, atol: float | None = None) -> ModelOutput:
+                rtol: float | None = None, atol: float | None = None, max_steps: int | None = None) -> ModelOutput:
         """Predict from ``x_t`` (B, C, H, W) at integer timesteps ``t`` (B,) for classes ``y`` (B,).
 
         Args:
@@ -295,7 +295,8 @@ class FPDM(_Transformer):
                 ``h_pre``, the pre-blocks' output.
             trace: also return the per-step residuals.
             drop_labels: (B,) bool, labels replaced by the null class.
-            solver, backward, rtol, atol: per-call overrides of the configured options.
+            solver, backward, rtol, atol, max_steps: per-call overrides of the configured options (e.g. an
+                adaptive sampler stops each solve at ``rtol`` within a per-timestep ``max_steps``).
         """
         self._check_inputs(x_t, t, y)
         cfg = self.config
@@ -321,7 +322,8 @@ class FPDM(_Transformer):
             if isinstance(mode, fp.StochasticJFB) and self.generator is not None and mode.generator is None:
                 mode = dataclasses.replace(mode, generator=self.generator)
             sol = fp.solve(f, z0.detach(), solver=solver, backward=mode if torch.is_grad_enabled() else None,
-                           max_steps=cfg.max_steps, rtol=cfg.rtol if rtol is None else rtol,
+                           max_steps=cfg.max_steps if max_steps is None else max_steps,
+                           rtol=cfg.rtol if rtol is None else rtol,
                            atol=cfg.atol if atol is None else atol, trace=trace)
         h = sol.z
         for block in self.blocks_post:

@@ -377,6 +377,8 @@ class Trainer:
         shutil.rmtree(tmp, ignore_errors=True)
         self.ema.save_pretrained(tmp)
         (tmp / "training_step.json").write_text(json.dumps({"step": self.step}))
+        # The schedule the model was trained with, read by `fpdm sample --model .../ema`.
+        (tmp / "diffusion.json").write_text(json.dumps(self.config.to_dict()["diffusion"], indent=1))
         if final.exists():
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)

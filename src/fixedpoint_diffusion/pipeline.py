@@ -1,0 +1,109 @@
+"""``FPDMPipeline``: a diffusers ``DiffusionPipeline`` around :func:`fixedpoint_diffusion.sampling.sample`, with an
+optional ``AutoencoderKL`` for latent models; ``save_pretrained``/``from_pretrained`` folders work offline."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import DDPMScheduler, DiffusionPipeline
+
+from .diffusion import Diffusion
+from .sampling import SampleOutput, sample
+
+__all__ = ["FPDMPipeline", "FPDMPipelineOutput", "diffusion_from_scheduler", "scheduler_from_diffusion"]
+
+
+def scheduler_from_diffusion(diffusion: Diffusion, learn_sigma: bool = True) -> DDPMScheduler:
+    """The diffusers ``DDPMScheduler`` holding the same schedule (its config is what a pipeline folder saves)."""
+    return DDPMScheduler(num_train_timesteps=diffusion.num_timesteps, beta_start=diffusion.beta_start,
+                         beta_end=diffusion.beta_end, beta_schedule="linear",
+                         variance_type="learned_range" if learn_sigma else "fixed_small",
+                         prediction_type="v_prediction" if diffusion.prediction == "v" else "epsilon",
+                         rescale_betas_zero_snr=diffusion.zero_terminal_snr, clip_sample=False,
+                         timestep_spacing="linspace")
+
+
+def diffusion_from_scheduler(scheduler: Any) -> Diffusion:
+    """Our float64 :class:`Diffusion` tables from a diffusers scheduler's config."""
+    cfg = scheduler.config
+    if cfg.beta_schedule != "linear":
+        raise ValueError(f"only the linear beta schedule is supported, got {cfg.beta_schedule!r}")
+    prediction = {"v_prediction": "v", "epsilon": "epsilon"}.get(cfg.prediction_type)
+    if prediction is None:
+        raise ValueError(f"prediction_type must be 'v_prediction' or 'epsilon', got {cfg.prediction_type!r}")
+    return Diffusion(cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end,
+                     zero_terminal_snr=bool(cfg.get("rescale_betas_zero_snr", False)), prediction=prediction)
+
+
+@dataclass
+class FPDMPipelineOutput:
+    """``images``: a list of PIL images, a (B, H, W, 3) uint8 array (``"np"``), or the raw samples (``"latent"``,
+    ``"pt"``); ``result``: the :class:`~fixedpoint_diffusion.sampling.SampleOutput` (schedule, iterations,
+    residuals, block passes, MACs)."""
+
+    images: Any
+    result: SampleOutput
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8 (the layout of ADM's evaluator ``.npz``)."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+class FPDMPipeline(DiffusionPipeline):
+    """Class-conditional sampling from an FPDM (or DiT) under a compute budget.
+
+    Components: ``transformer`` (an :class:`~fixedpoint_diffusion.FPDM` or :class:`~fixedpoint_diffusion.DiT`),
+    ``scheduler`` (a ``DDPMScheduler`` whose config is the training schedule) and, for latent models, ``vae``
+    (an ``AutoencoderKL``; its ``scaling_factor``/``shift_factor`` undo the latent scaling).
+
+    Example::
+
+        pipe = FPDMPipeline(transformer=model, scheduler=scheduler_from_diffusion(fd.Diffusion()), vae=vae)
+        out = pipe([207, 360], budget=280, iters_per_step=8, guidance_scale=4.0, seed=0)
+        out.images[0].save("dog.png"); print(out.result.block_passes)
+    """
+
+    model_cpu_offload_seq = "transformer->vae"
+    _optional_components = ["vae"]
+
+    def __init__(self, transformer, scheduler, vae=None) -> None:
+        super().__init__()
+        self.register_modules(transformer=transformer, scheduler=scheduler, vae=vae)
+
+    @torch.no_grad()
+    def decode(self, samples: torch.Tensor) -> torch.Tensor:
+        """Samples -> images in [-1, 1]: through the VAE for a latent model, unchanged for a pixel model."""
+        if self.vae is None:
+            return samples
+        cfg = self.vae.config
+        latents = samples / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
+        return self.vae.decode(latents.to(self.vae.dtype)).sample
+
+    @torch.no_grad()
+    def __call__(self, class_labels: Sequence[int] | torch.Tensor | None = None, *, num_samples: int | None = None,
+                 output_type: str = "pil", **kwargs: Any) -> FPDMPipelineOutput:
+        """Sample and decode. ``kwargs`` go to :func:`~fixedpoint_diffusion.sampling.sample` (``budget``,
+        ``iters_per_step``, ``num_steps``, ``allocation``, ``sampler``, ``guidance_scale``, ``reuse``, ``seed``,
+        ...). ``output_type``: ``"pil"``, ``"np"`` (uint8), ``"pt"`` (decoded, [-1, 1]) or ``"latent"``."""
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
+        diffusion = diffusion_from_scheduler(self.scheduler).to(self.device)
+        self.transformer.eval()
+        result = sample(self.transformer, class_labels, diffusion=diffusion, num_samples=num_samples,
+                        device=self.device, **kwargs)
+        if output_type == "latent":
+            return FPDMPipelineOutput(images=result.samples, result=result)
+        images = self.decode(result.samples)
+        if output_type == "pt":
+            return FPDMPipelineOutput(images=images, result=result)
+        arr = to_uint8(images)
+        if output_type == "np":
+            return FPDMPipelineOutput(images=arr, result=result)
+        from PIL import Image
+
+        return FPDMPipelineOutput(images=[Image.fromarray(a) for a in arr], result=result)

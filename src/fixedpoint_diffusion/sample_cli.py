@@ -1,0 +1,212 @@
+"""``fpdm sample``: budgeted sampling to PNGs, an image grid and an ADM-evaluator ``.npz``, over one process or
+many (``torchrun``); ``--dry-run`` prints the schedule and its cost without loading weights."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["add_parser", "load_model", "run"]
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("sample", help="sample a trained model under a compute budget",
+                       description="Sample a model folder (a run's ema/ folder, or any DiT/FPDM save_pretrained "
+                                   "folder) under a budget of transformer-block passes per image. Writes "
+                                   "samples/*.png, grid.png, samples.npz (arr_0: uint8 NHWC, arr_1: labels, the "
+                                   "layout ADM's FID evaluator reads), diagnostics.json and residuals.png.")
+    p.add_argument("--model", required=True, help="model folder (config.json + weights)")
+    p.add_argument("--vae", default=None, help="local AutoencoderKL folder, for latent models")
+    p.add_argument("--vae-subfolder", default=None)
+    p.add_argument("--out", default="samples", help="output folder")
+    p.add_argument("--num-samples", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--classes", default=None, help="comma-separated labels, cycled (default: random per sample)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--budget", type=int, default=None, help="block passes per image")
+    p.add_argument("--iters", type=int, default=None, help="fixed-point iterations per timestep")
+    p.add_argument("--num-steps", type=int, default=None, help="timesteps")
+    p.add_argument("--allocation", default="constant",
+                   help="constant, increasing, decreasing, adaptive, or comma-separated iterations per timestep")
+    p.add_argument("--ratio", type=float, default=3.0, help="last/first weight of increasing/decreasing")
+    p.add_argument("--tol", type=float, default=1e-3, help="adaptive: relative residual to stop at")
+    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM noise")
+    p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (1: off)")
+    p.add_argument("--guidance-channels", choices=["all", "official_3"], default="all")
+    p.add_argument("--reuse", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse each timestep's fixed-point solution to start the next (default on)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dry-run", action="store_true", help="print the schedule and its cost, run nothing")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def _model_class(folder: Path):
+    from .models import FPDM, DiT
+
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"--model {str(folder)!r}: no config.json (give a run's ema/ folder or a "
+                                f"save_pretrained folder)")
+    name = json.loads(config_path.read_text()).get("_class_name")
+    classes = {"FPDM": FPDM, "DiT": DiT}
+    if name not in classes:
+        raise ValueError(f"--model {str(folder)!r}: config.json names class {name!r}, expected FPDM or DiT")
+    return classes[name]
+
+
+def load_model(folder: str | os.PathLike, *, weights: bool = True, device: str | torch.device = "cpu"):
+    """A DiT/FPDM from a folder, and the :class:`Diffusion` it was trained with (``diffusion.json`` beside the
+    weights, or the run folder's ``config.json``; the paper's defaults otherwise). ``weights=False`` builds it on
+    the meta device (for planning only)."""
+    from .diffusion import Diffusion
+
+    folder = Path(folder)
+    cls = _model_class(folder)
+    if weights:
+        model = cls.from_pretrained(folder, low_cpu_mem_usage=False).to(device).eval()
+    else:
+        with torch.device("meta"):
+            model = cls.from_config(cls.load_config(folder))
+    settings: dict[str, Any] = {}
+    if (folder / "diffusion.json").is_file():
+        settings = json.loads((folder / "diffusion.json").read_text())
+    elif (folder.parent / "config.json").is_file():
+        settings = json.loads((folder.parent / "config.json").read_text()).get("diffusion", {})
+    settings = {k: v for k, v in settings.items() if k in ("num_timesteps", "beta_start", "beta_end",
+                                                         "zero_terminal_snr", "prediction")}
+    diffusion = Diffusion(learn_sigma=model.config.learn_sigma, **settings)
+    return model, diffusion
+
+
+def _labels(args, num_classes: int, indices: range) -> torch.Tensor:
+    from .train import _seed
+
+    if args.classes:
+        chosen = [int(c) for c in args.classes.split(",")]
+        return torch.tensor([chosen[i % len(chosen)] for i in indices])
+    return torch.tensor([int(torch.randint(num_classes, (1,), generator=torch.Generator().manual_seed(
+        _seed(args.seed, 4, i)))) for i in indices])
+
+
+def run(args: argparse.Namespace) -> int:
+    from .sampling import plan, plot_residuals, sample
+
+    allocation: Any = args.allocation
+    if "," in allocation or allocation.isdigit():
+        allocation = [int(k) for k in allocation.split(",")]
+    model, diffusion = load_model(args.model, weights=False)
+    schedule = plan(model, budget=args.budget, iters_per_step=args.iters, num_steps=args.num_steps,
+                    allocation=allocation, ratio=args.ratio, tol=args.tol, num_train_timesteps=diffusion.num_timesteps)
+    num_classes = model.config.num_classes
+    if args.classes:
+        bad = [c for c in args.classes.split(",") if not (c.strip().isdigit() and int(c) < num_classes)]
+        if bad:
+            raise ValueError(f"--classes must be labels in [0, {num_classes}), got {bad}")
+    if args.cfg_scale != 1.0 and num_classes < 2:
+        raise ValueError(f"--cfg-scale {args.cfg_scale} needs a class-conditional model (num_classes={num_classes})")
+    if args.num_samples < 1:
+        raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    latent = model.config.in_channels != 3
+    if latent and args.vae is None and not args.dry_run:
+        raise ValueError(f"the model has {model.config.in_channels} input channels (a latent model): give --vae, "
+                         f"a local AutoencoderKL folder, to decode its samples")
+    if args.dry_run:
+        print(schedule.describe())
+        print(f"{args.num_samples} samples: {schedule.block_passes * args.num_samples} block passes in all")
+        return 0
+
+    import torch.distributed as dist
+    from tqdm.auto import tqdm
+
+    from .pipeline import to_uint8
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available() and args.device in (None, "cuda") or str(args.device).startswith("cuda")
+    device = torch.device(args.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if cuda else "cpu"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    model, diffusion = load_model(args.model, device=device)
+    diffusion.to(device)
+    vae = None
+    if args.vae is not None:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(args.vae, subfolder=args.vae_subfolder, local_files_only=True,
+                                            low_cpu_mem_usage=False)
+        vae = vae.to(device).eval()
+    out = Path(args.out)
+    (out / "samples").mkdir(parents=True, exist_ok=True)
+    from .sampling import batches_for_rank
+
+    batches = batches_for_rank(args.num_samples, args.batch_size, rank, world)
+    records, residual_runs = [], []
+    for idx in tqdm(batches, desc=f"sample (rank {rank})", disable=args.no_progress):
+        labels = _labels(args, num_classes, idx)
+        result = sample(model, labels, diffusion=diffusion, schedule=schedule, sampler=args.sampler, eta=args.eta,
+                        guidance_scale=args.cfg_scale, guidance_channels=args.guidance_channels, reuse=args.reuse,
+                        seed=args.seed, indices=list(idx), device=device)
+        with torch.no_grad():
+            images = result.samples
+            if vae is not None:
+                cfg = vae.config
+                images = vae.decode(images / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)).sample
+        from PIL import Image
+
+        for i, arr in zip(idx, to_uint8(images)):
+            Image.fromarray(arr).save(out / "samples" / f"{i:06d}.png")
+        records.append({"indices": [idx.start, idx.stop], "labels": labels.tolist(), **result.diagnostics()})
+        residual_runs.append(result)
+    (out / f"diagnostics-rank{rank:03d}.json").write_text(json.dumps(records))
+    if dist.is_initialized():
+        dist.barrier()
+    if rank == 0:
+        _finish(out, args, schedule, world)
+        if residual_runs and residual_runs[0].residuals is not None:
+            plot_residuals({f"reuse={'on' if args.reuse else 'off'} (first batch)": residual_runs[0]},
+                           str(out / "residuals.png"))
+        print(f"{args.num_samples} samples in {out} ({schedule.block_passes} block passes per image, "
+              f"{schedule.num_steps} timesteps)")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+def _finish(out: Path, args, schedule, world: int) -> None:
+    """Rank 0: gather every rank's PNGs into samples.npz and grid.png, and the diagnostics into one file."""
+    from PIL import Image
+
+    records = []
+    for r in range(world):
+        records += json.loads((out / f"diagnostics-rank{r:03d}.json").read_text())
+        (out / f"diagnostics-rank{r:03d}.json").unlink()
+    records.sort(key=lambda rec: rec["indices"][0])
+    labels = np.array([lab for rec in records for lab in rec["labels"]], dtype=np.int64)
+    arrays = np.stack([np.asarray(Image.open(out / "samples" / f"{i:06d}.png").convert("RGB"))
+                       for i in range(args.num_samples)])
+    tmp = out / "samples.tmp.npz"
+    np.savez(tmp, arr_0=arrays, arr_1=labels)
+    os.replace(tmp, out / "samples.npz")
+    n = min(64, len(arrays))
+    cols = int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / cols))
+    h, w = arrays.shape[1:3]
+    grid = np.zeros((rows * h, cols * w, 3), dtype=np.uint8)
+    for k in range(n):
+        grid[(k // cols) * h:(k // cols + 1) * h, (k % cols) * w:(k % cols + 1) * w] = arrays[k]
+    Image.fromarray(grid).save(out / "grid.png")
+    summary = {"schedule": {"timesteps": list(schedule.timesteps), "iterations": schedule.iterations,
+                            "allocation": schedule.allocation, "budget": schedule.budget,
+                            "block_passes_per_image": schedule.block_passes},
+               "settings": {k: v for k, v in vars(args).items() if k != "func"}, "batches": records}
+    (out / "diagnostics.json").write_text(json.dumps(summary, indent=1))
