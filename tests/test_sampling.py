@@ -1,0 +1,294 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from oracle import GaussianOracle
+
+import fixedpoint_diffusion as fd
+from fixedpoint_diffusion import cli
+from fixedpoint_diffusion.sampling import _distribute, spaced_timesteps
+
+# --- the samplers against the exact denoiser of Gaussian data ----------------------------------------------------
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+@pytest.mark.parametrize("prediction, zero_snr", [("v", True), ("v", False), ("epsilon", False)])
+def test_samplers_reach_the_data_distribution(sampler, prediction, zero_snr):
+    diffusion = fd.Diffusion(prediction=prediction, zero_terminal_snr=zero_snr)
+    means, std = torch.tensor([1.0, -0.5]), 0.5
+    oracle = GaussianOracle(diffusion, means, std)
+    labels = torch.arange(800) % 2
+    errors = []
+    for steps in (10, 50, 250):
+        x = fd.sample(oracle, labels, diffusion=diffusion, num_steps=steps, sampler=sampler, seed=1).samples
+        for c in (0, 1):
+            assert abs(x[labels == c].mean().item() - means[c].item()) < 0.02
+        errors.append(abs(x.std(dim=(1, 2, 3)).mean().item() - std) + abs(x[labels == 0].std().item() - std))
+    # The spread is too small with few steps and converges as the steps grow.
+    assert errors[0] > errors[1] > errors[2] and errors[2] < 0.03, errors
+    assert oracle.calls == 10 + 50 + 250
+
+
+def test_ddim_handles_step_counts_that_do_not_divide_the_training_steps():
+    diffusion = fd.Diffusion()
+    oracle = GaussianOracle(diffusion, torch.tensor([0.7]), 0.3, learn_sigma=False)
+    for steps in (7, 33, 999, 1000):
+        ts = spaced_timesteps(1000, steps)
+        assert ts[0] == 999 and ts[-1] == 0 and len(set(ts)) == steps
+        x = fd.sample(oracle, torch.zeros(400, dtype=torch.long), diffusion=diffusion, num_steps=steps,
+                      sampler="ddim").samples
+        assert abs(x.mean().item() - 0.7) < 0.02 and torch.isfinite(x).all()
+
+
+# --- budgets -------------------------------------------------------------------------------------------------------
+
+explicit_st = st.integers(0, 4)
+
+
+@settings(max_examples=200, deadline=None)
+@given(explicit=explicit_st, budget=st.integers(1, 2000), k=st.integers(1, 30),
+       allocation=st.sampled_from(["constant", "increasing", "decreasing", "adaptive"]),
+       ratio=st.floats(1.0, 10.0))
+def test_budget_from_iterations_per_step(explicit, budget, k, allocation, ratio):
+    try:
+        s = fd.plan(explicit_passes=explicit, budget=budget, iters_per_step=k, allocation=allocation, ratio=ratio)
+    except ValueError as err:  # only "too small for one timestep" or "more timesteps than training has"
+        assert budget < explicit + k or budget // (explicit + k) > 1000, err
+        return
+    assert s.num_steps == budget // (explicit + k)
+    assert s.block_passes <= budget and min(s.iterations) >= 1
+    if allocation == "constant":
+        assert set(s.iterations) == {k}
+    _check_shape(s)
+
+
+@settings(max_examples=200, deadline=None)
+@given(explicit=explicit_st, budget=st.integers(1, 3000), steps=st.integers(1, 200),
+       allocation=st.sampled_from(["constant", "increasing", "decreasing", "adaptive"]), ratio=st.floats(1.0, 10.0))
+def test_budget_from_number_of_timesteps(explicit, budget, steps, allocation, ratio):
+    try:
+        s = fd.plan(explicit_passes=explicit, budget=budget, num_steps=steps, allocation=allocation, ratio=ratio)
+    except ValueError as err:
+        assert budget < steps * (explicit + 1), err
+        return
+    assert s.num_steps == steps and s.block_passes == budget and min(s.iterations) >= 1  # all of it, no more
+    if allocation == "constant":
+        assert max(s.iterations) - min(s.iterations) <= 1
+    _check_shape(s)
+
+
+def _check_shape(s):
+    it = np.array(s.iterations)
+    if s.allocation == "increasing":
+        assert (np.diff(it) >= 0).all()
+    if s.allocation == "decreasing":
+        assert (np.diff(it) <= 0).all()
+    assert list(s.timesteps) == sorted(s.timesteps, reverse=True) and len(set(s.timesteps)) == s.num_steps
+
+
+@given(total=st.integers(1, 500), weights=st.lists(st.floats(0.1, 10.0), min_size=1, max_size=50))
+def test_distribute_is_exact(total, weights):
+    if total < len(weights):
+        return
+    counts = _distribute(total, weights)
+    assert sum(counts) == total and min(counts) >= 1
+
+
+def test_plan_errors_and_dit_budgets():
+    with pytest.raises(ValueError, match="too small for one timestep"):
+        fd.plan(explicit_passes=2, budget=2, iters_per_step=1)
+    with pytest.raises(ValueError, match="iters_per_step must be an int >= 1"):
+        fd.plan(explicit_passes=2, budget=100, iters_per_step=0)
+    with pytest.raises(ValueError, match="allocation must be one of"):
+        fd.plan(explicit_passes=2, budget=100, iters_per_step=2, allocation="random")
+    with pytest.raises(ValueError, match="over the budget"):
+        fd.plan(explicit_passes=2, budget=9, allocation=[3, 3])  # costs 2 * 2 + 6 = 10
+    assert fd.plan(explicit_passes=2, allocation=[3, 1, 2]).iterations == (3, 1, 2)
+    dit = fd.create_model("DiT-S/2", input_size=8, depth=4)
+    s = fd.plan(dit, budget=30)
+    assert s.num_steps == 7 and s.iterations is None and s.block_passes == 28
+    with pytest.raises(ValueError, match="fixed-point models only"):
+        fd.plan(dit, budget=30, iters_per_step=2)
+    # Paper footnote 4: 280 blocks = 1 pre + 26 iterations + 1 post over 10 timesteps.
+    fpdm = fd.create_model("FPDM-S/2", input_size=8)
+    assert fd.plan(fpdm, budget=280, iters_per_step=26).num_steps == 10
+    assert fd.plan(fpdm, budget=280, iters_per_step=8).num_steps == 28
+
+
+# --- the sampler with real models -------------------------------------------------------------------------------
+
+
+def _tiny_fpdm(**kw):
+    torch.manual_seed(0)
+    model = fd.create_model("FPDM-S/2", input_size=8, in_channels=3, num_classes=4, hidden_size=32, num_heads=2,
+                            **kw)
+    for name, p in model.named_parameters():  # leave the zero init so that blocks and solves do something
+        if "adaLN" in name or "final_layer" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    return model.eval()
+
+
+def test_block_passes_counted_by_hooks_equal_the_report():
+    model = _tiny_fpdm()
+    calls = []
+    for module in model.modules():
+        if type(module).__name__ == "DiTBlock":
+            module.register_forward_hook(lambda *a: calls.append(1))
+    for kwargs in ({"budget": 40, "iters_per_step": 3}, {"budget": 40, "num_steps": 5, "allocation": "increasing"},
+                   {"budget": 40, "num_steps": 5, "allocation": "adaptive", "tol": 0.3}):
+        for guidance in (1.0, 3.0):
+            calls.clear()
+            out = fd.sample(model, [0, 1, 3], guidance_scale=guidance, **kwargs)
+            assert len(calls) == out.block_passes <= 40
+            assert sum(out.iterations) + 2 * out.schedule.num_steps == out.block_passes
+            assert out.residuals.shape == (out.schedule.num_steps, 3)
+            batch = 6 if guidance != 1.0 else 3
+            macs = model._cost(batch, 0).macs * out.schedule.num_steps + (
+                model._cost(batch, 1).macs - model._cost(batch, 0).macs) * sum(out.iterations)
+            assert out.macs == macs
+
+
+def test_adaptive_carries_unused_iterations_forward():
+    model = _tiny_fpdm()
+    loose = fd.sample(model, [0, 1], budget=60, num_steps=6, allocation="adaptive", tol=0.5)
+    tight = fd.sample(model, [0, 1], budget=60, num_steps=6, allocation="adaptive", tol=1e-9)
+    assert tight.iterations[:-1] == list(tight.schedule.iterations[:-1])  # never converges: uses its allowance
+    assert sum(loose.iterations) < sum(tight.iterations) <= 60 - 12
+    # Whatever a timestep leaves is available to the next one: its allowance grows.
+    allowance, carry = [], 0
+    for planned, spent in zip(loose.schedule.iterations, loose.iterations):
+        allowance.append(planned + carry)
+        assert 1 <= spent <= planned + carry
+        carry = planned + carry - spent
+
+
+def test_reuse_starts_each_solve_from_the_previous_solution(monkeypatch):
+    from fixedpoint_diffusion import models
+
+    model = _tiny_fpdm()
+    seen, real_solve = [], models.fp.solve
+    pre_out = []
+    model.blocks_pre[-1].register_forward_hook(lambda m, i, o: pre_out.append(o))
+
+    def spy(f, z0, **kw):
+        sol = real_solve(f, z0, **kw)
+        seen.append((z0, sol.z))
+        return sol
+
+    monkeypatch.setattr(models.fp, "solve", spy)
+    for guidance in (1.0, 2.0):
+        seen.clear()
+        pre_out.clear()
+        fd.sample(model, [0, 2], num_steps=4, iters_per_step=2, reuse=True, guidance_scale=guidance)
+        assert torch.equal(seen[0][0], pre_out[0])
+        for (z0_next, _), (_, z_prev) in zip(seen[1:], seen[:-1]):
+            assert torch.equal(z0_next, z_prev)  # per sample, both guidance branches
+        seen.clear()
+        pre_out.clear()
+        fd.sample(model, [0, 2], num_steps=4, iters_per_step=2, reuse=False, guidance_scale=guidance)
+        assert all(torch.equal(z0, h) for (z0, _), h in zip(seen, pre_out))
+
+
+def test_determinism_sharding_and_guidance_scale_one():
+    model = _tiny_fpdm()
+    labels = torch.tensor([0, 1, 2, 3, 0, 1, 2])
+    kw = {"budget": 30, "iters_per_step": 2, "seed": 5}
+    a = fd.sample(model, labels, **kw).samples
+    assert torch.equal(a, fd.sample(model, labels, **kw).samples)
+    assert not torch.equal(a, fd.sample(model, labels, **{**kw, "seed": 6}).samples)
+    for world in (2, 3):
+        shards = torch.cat([torch.cat([fd.sample(model, labels[b.start:b.stop], indices=list(b), **kw).samples
+                                       for b in fd.batches_for_rank(7, 3, rank, world)]) for rank in range(world)])
+        order = [i for rank in range(world) for b in fd.batches_for_rank(7, 3, rank, world) for i in b]
+        one = torch.cat([fd.sample(model, labels[b.start:b.stop], indices=list(b), **kw).samples
+                         for b in fd.batches_for_rank(7, 3)])
+        assert torch.equal(shards[torch.argsort(torch.tensor(order))], one)
+    # A sample does not depend on the other samples' noise: one sample alone gives the same image up to rounding.
+    alone = fd.sample(model, labels[3:4], indices=[3], **kw).samples
+    assert torch.allclose(alone[0], a[3], atol=1e-5)
+    # Guidance at scale 1 through the guided path (cond/uncond batch) equals the unguided model.
+    near_one = fd.sample(model, labels, guidance_scale=1.0 + 1e-7, **kw).samples
+    assert torch.allclose(near_one, a, atol=1e-4)
+    assert not torch.allclose(fd.sample(model, labels, guidance_scale=4.0, **kw).samples, a, atol=1e-3)
+
+
+def test_guidance_modes():
+    diffusion = fd.Diffusion()
+    oracle = GaussianOracle(diffusion, torch.tensor([1.0, -1.0]), 0.2, channels=4)
+    labels = torch.zeros(200, dtype=torch.long)
+    plain = fd.sample(oracle, labels, num_steps=20, sampler="ddim").samples
+    full = fd.sample(oracle, labels, num_steps=20, sampler="ddim", guidance_scale=2.0).samples
+    three = fd.sample(oracle, labels, num_steps=20, sampler="ddim", guidance_scale=2.0,
+                      guidance_channels="official_3").samples
+    # Guidance pushes away from the null class (mean 0): class 0's mean moves beyond 1 on the guided channels.
+    assert full.mean().item() > plain.mean().item() + 0.3
+    assert torch.allclose(three[:, 3], plain[:, 3]) and torch.allclose(three[:, :3], full[:, :3])
+
+
+def test_sample_errors_before_compute():
+    model = _tiny_fpdm()
+    calls = []
+    model.register_forward_pre_hook(lambda *a: calls.append(1))
+    with pytest.raises(ValueError, match=r"class_labels must be in \[0, 4\)"):
+        fd.sample(model, [0, 4], budget=30, iters_per_step=2)
+    with pytest.raises(ValueError, match="too small for one timestep"):
+        fd.sample(model, [0], budget=3, iters_per_step=2)
+    with pytest.raises(ValueError, match="iters_per_step must be an int >= 1"):
+        fd.sample(model, [0], budget=30, iters_per_step=0)
+    one_class = fd.create_model("FPDM-S/2", input_size=8, in_channels=3, num_classes=1, hidden_size=32, num_heads=2)
+    with pytest.raises(ValueError, match="needs a class-conditional model"):
+        fd.sample(one_class, [0], budget=30, iters_per_step=2, guidance_scale=3.0)
+    with pytest.raises(ValueError, match="sampler must be"):
+        fd.sample(model, [0], budget=30, iters_per_step=2, sampler="euler")
+    assert not calls
+    out = fd.sample(one_class, None, num_samples=2, budget=12, iters_per_step=2)  # unconditional: null class
+    assert out.samples.shape == (2, 3, 8, 8) and out.labels.tolist() == [1, 1]
+
+
+# --- pipeline and command line -----------------------------------------------------------------------------------
+
+
+def test_pipeline_round_trip(tmp_path):
+    model = _tiny_fpdm()
+    pipe = fd.FPDMPipeline(transformer=model, scheduler=fd.scheduler_from_diffusion(fd.Diffusion()))
+    out = pipe([0, 1], budget=20, iters_per_step=2, output_type="np", seed=3)
+    assert out.images.shape == (2, 8, 8, 3) and out.images.dtype == np.uint8 and out.result.block_passes <= 20
+    pipe.save_pretrained(tmp_path / "pipe")
+    loaded = fd.FPDMPipeline.from_pretrained(tmp_path / "pipe")
+    again = loaded([0, 1], budget=20, iters_per_step=2, output_type="np", seed=3)
+    assert np.array_equal(out.images, again.images)
+    assert fd.diffusion_from_scheduler(loaded.scheduler).zero_terminal_snr is True
+    pil = loaded([2], budget=20, iters_per_step=2, seed=3).images
+    assert pil[0].size == (8, 8)
+
+
+def test_fpdm_sample_command(tmp_path, capsys):
+    model = _tiny_fpdm()
+    model.save_pretrained(tmp_path / "model")
+    (tmp_path / "model" / "diffusion.json").write_text(json.dumps({"prediction": "v", "zero_terminal_snr": True}))
+    assert cli.main(["sample", "--model", str(tmp_path / "model"), "--budget", "40", "--iters", "3",
+                     "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert "8 timesteps, 40 block passes per image (budget 40)" in printed and "999" in printed
+    out = tmp_path / "out"
+    args = ["sample", "--model", str(tmp_path / "model"), "--budget", "20", "--iters", "3", "--num-samples", "5",
+            "--batch-size", "2", "--out", str(out), "--cfg-scale", "2", "--no-progress"]
+    assert cli.main(args) == 0
+    data = np.load(out / "samples.npz")
+    assert data["arr_0"].shape == (5, 8, 8, 3) and data["arr_0"].dtype == np.uint8 and len(data["arr_1"]) == 5
+    assert len(list((out / "samples").glob("*.png"))) == 5 and (out / "grid.png").is_file()
+    diag = json.loads((out / "diagnostics.json").read_text())
+    assert diag["schedule"]["block_passes_per_image"] == 20 and len(diag["batches"]) == 3
+    # Same seed, same images; the per-sample seeds make the batch size irrelevant up to rounding.
+    first = data["arr_0"].copy()
+    assert cli.main(args[:-1] + ["--out", str(tmp_path / "again"), "--no-progress"]) == 0
+    assert np.array_equal(np.load(tmp_path / "again" / "samples.npz")["arr_0"], first)
+    for bad, message in ((["--budget", "3", "--iters", "3"], "too small"), (["--classes", "0,9"], "--classes"),
+                         (["--budget", "20", "--iters", "0"], "iters_per_step must be")):
+        code = cli.main(["sample", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "x"),
+                         "--num-samples", "1", *bad] + ([] if "--budget" in bad else ["--budget", "20", "--iters",
+                                                                                       "2"]))
+        assert code == 2 and message in capsys.readouterr().err
