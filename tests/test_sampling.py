@@ -292,3 +292,15 @@ def test_fpdm_sample_command(tmp_path, capsys):
                          "--num-samples", "1", *bad] + ([] if "--budget" in bad else ["--budget", "20", "--iters",
                                                                                        "2"]))
         assert code == 2 and message in capsys.readouterr().err
+
+
+def test_the_sampling_docs_python_examples_run(capsys):
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "docs" / "sampling.md").read_text()
+    namespace: dict = {}
+    for block in re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL):
+        exec(compile(block, "docs/sampling.md", "exec"), namespace)
+    assert capsys.readouterr().out.split("\n")[:2] == ["28", "(6, 7, 8) (16, 17, 18) 280"]
+    assert namespace["out"].block_passes <= 60 and len(namespace["images"]) == 2

@@ -69,7 +69,7 @@ class FPDMPipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "transformer->vae"
-    _optional_components = ["vae"]
+    _optional_components = ["vae"]  # noqa: RUF012 - diffusers' class attribute
 
     def __init__(self, transformer, scheduler, vae=None) -> None:
         super().__init__()

@@ -375,10 +375,9 @@ def sample(model: Any, class_labels: torch.Tensor | Sequence[int] | None, *, dif
         if num_classes is not None and (labels.min() < 0 or labels.max() >= num_classes):
             raise ValueError(f"class_labels must be in [0, {num_classes}), got values in "
                              f"[{int(labels.min())}, {int(labels.max())}]")
-    if guidance_scale != 1.0:
-        if class_labels is None or num_classes is None or num_classes < 2:
-            raise ValueError(f"guidance_scale={guidance_scale} needs a class-conditional model (config.num_classes "
-                             f">= 2 with a trained null class) and class_labels")
+    if guidance_scale != 1.0 and (class_labels is None or num_classes is None or num_classes < 2):
+        raise ValueError(f"guidance_scale={guidance_scale} needs a class-conditional model (config.num_classes >= 2 "
+                         f"with a trained null class) and class_labels")
     batch = labels.shape[0]
     indices = list(range(batch)) if indices is None else list(indices)
     if len(indices) != batch:
