@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from oracle import GaussianOracle
 
@@ -68,6 +68,7 @@ def test_budget_from_iterations_per_step(explicit, budget, k, allocation, ratio)
 @settings(max_examples=200, deadline=None)
 @given(explicit=explicit_st, budget=st.integers(1, 3000), steps=st.integers(1, 200),
        allocation=st.sampled_from(["constant", "increasing", "decreasing", "adaptive"]), ratio=st.floats(1.0, 10.0))
+@example(explicit=0, budget=3, steps=2, allocation="increasing", ratio=1.0)  # equal weights: ties go late
 def test_budget_from_number_of_timesteps(explicit, budget, steps, allocation, ratio):
     try:
         s = fd.plan(explicit_passes=explicit, budget=budget, num_steps=steps, allocation=allocation, ratio=ratio)
@@ -95,6 +96,9 @@ def test_distribute_is_exact(total, weights):
         return
     counts = _distribute(total, weights)
     assert sum(counts) == total and min(counts) >= 1
+    up = _distribute(total, sorted(weights))
+    down = _distribute(total, sorted(weights, reverse=True), prefer_late=False)
+    assert (np.diff(up) >= 0).all() and (np.diff(down) <= 0).all()
 
 
 def test_plan_errors_and_dit_budgets():

@@ -98,16 +98,18 @@ def spaced_timesteps(num_train_timesteps: int, num_steps: int) -> tuple[int, ...
     return tuple(int(t) for t in np.linspace(0, num_train_timesteps - 1, num_steps).round()[::-1])
 
 
-def _distribute(total: int, weights: Sequence[float]) -> list[int]:
+def _distribute(total: int, weights: Sequence[float], prefer_late: bool = True) -> list[int]:
     """Split ``total`` iterations over the steps: one each, the rest in proportion to ``weights`` (largest
-    remainders, ties to the larger weight), so monotone weights give monotone counts and the sum is ``total``."""
+    remainders; ties to the larger weight, then to the later step if ``prefer_late`` else the earlier), so
+    non-decreasing weights with ``prefer_late`` (non-increasing without) give monotone counts summing to
+    ``total``."""
     n = len(weights)
     extra = total - n
     w = np.asarray(weights, dtype=np.float64)
     quota = extra * w / w.sum()
     counts = np.floor(quota).astype(np.int64)
     left = extra - int(counts.sum())
-    order = sorted(range(n), key=lambda i: (-(quota[i] - counts[i]), -w[i], i))
+    order = sorted(range(n), key=lambda i: (-(quota[i] - counts[i]), -w[i], -i if prefer_late else i))
     for i in order[:left]:
         counts[i] += 1
     return [1 + int(c) for c in counts]
@@ -218,7 +220,7 @@ def plan(model: Any = None, *, budget: int | None = None, iters_per_step: int | 
     else:
         ramp = np.linspace(1.0, ratio, steps) if steps > 1 else np.ones(1)
         weights = list(ramp if allocation_name == "increasing" else ramp[::-1])
-    iterations = _distribute(total, weights)
+    iterations = _distribute(total, weights, prefer_late=allocation_name != "decreasing")
     if allocation_name == "adaptive" and not tol > 0:
         raise ValueError(f"tol must be > 0 for the adaptive allocation, got {tol!r}")
     return Schedule(spaced_timesteps(num_train_timesteps, steps), tuple(iterations), explicit, budget,
