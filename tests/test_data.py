@@ -101,7 +101,12 @@ def test_extract_latents_matches_the_vae_and_is_shard_independent(tmp_path, tiny
     for key in one:
         assert np.allclose(one[key], two[key], atol=1e-6)
     assert not np.allclose(one[0], one[-1])  # the flipped image has other latents
-    assert len(fd.LatentDataset(tmp_path / "two")) == 12
+    two = fd.LatentDataset(tmp_path / "two")
+    assert len(two) == 12
+    order = [11, 0, 5, 6, 3, 3, 10]  # across both shards, unsorted, with a repeat
+    xs, ys = two.__getitems__(order)
+    for k, i in enumerate(order):
+        assert torch.equal(xs[k], two[i][0]) and ys[k] == two[i][1]
 
 
 def test_latent_dataset_errors(tmp_path, tiny_vae):

@@ -220,8 +220,20 @@ class LatentDataset(Dataset):
         return x, torch.tensor(int(self._labels[shard][row]))
 
     def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        pairs = [self[i] for i in indices]
-        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+        """A batch with one sorted fancy-index read per shard (memory-mapped reads in file order)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+            raise IndexError(f"indices out of range for {len(self)} latents")
+        shard_of = np.searchsorted(self._offsets, idx, side="right") - 1
+        x = np.empty((idx.size, *self.latent_shape), dtype=np.float32)
+        y = np.empty(idx.size, dtype=np.int64)
+        for shard in np.unique(shard_of):
+            where = np.nonzero(shard_of == shard)[0]
+            rows = idx[where] - self._offsets[shard]
+            order = np.argsort(rows, kind="stable")
+            x[where[order]] = self._latents[shard][rows[order]]
+            y[where[order]] = self._labels[shard][rows[order]]
+        return torch.from_numpy(x), torch.from_numpy(y)
 
 
 def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
