@@ -192,8 +192,11 @@ def _finish(out: Path, args, schedule, world: int) -> None:
         (out / f"diagnostics-rank{r:03d}.json").unlink()
     records.sort(key=lambda rec: rec["indices"][0])
     labels = np.array([lab for rec in records for lab in rec["labels"]], dtype=np.int64)
-    arrays = np.stack([np.asarray(Image.open(out / "samples" / f"{i:06d}.png").convert("RGB"))
-                       for i in range(args.num_samples)])
+    def read(i: int) -> np.ndarray:
+        with Image.open(out / "samples" / f"{i:06d}.png") as img:
+            return np.asarray(img.convert("RGB"))
+
+    arrays = np.stack([read(i) for i in range(args.num_samples)])
     tmp = out / "samples.tmp.npz"
     np.savez(tmp, arr_0=arrays, arr_1=labels)
     os.replace(tmp, out / "samples.npz")
