@@ -9,22 +9,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import DDPMScheduler, DiffusionPipeline
+from diffusers import DiffusionPipeline
 
 from .diffusion import Diffusion
-from .sampling import SampleOutput, sample
+from .sampling import SampleOutput, sample, scheduler_from_diffusion
 
 __all__ = ["FPDMPipeline", "FPDMPipelineOutput", "diffusion_from_scheduler", "scheduler_from_diffusion"]
-
-
-def scheduler_from_diffusion(diffusion: Diffusion, learn_sigma: bool = True) -> DDPMScheduler:
-    """The diffusers ``DDPMScheduler`` holding the same schedule (its config is what a pipeline folder saves)."""
-    return DDPMScheduler(num_train_timesteps=diffusion.num_timesteps, beta_start=diffusion.beta_start,
-                         beta_end=diffusion.beta_end, beta_schedule="linear",
-                         variance_type="learned_range" if learn_sigma else "fixed_small",
-                         prediction_type="v_prediction" if diffusion.prediction == "v" else "epsilon",
-                         rescale_betas_zero_snr=diffusion.zero_terminal_snr, clip_sample=False,
-                         timestep_spacing="linspace")
 
 
 def diffusion_from_scheduler(scheduler: Any) -> Diffusion:

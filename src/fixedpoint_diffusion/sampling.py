@@ -275,12 +275,15 @@ class SampleOutput:
                           for t, k, r in zip(self.schedule.timesteps, self.iterations, res)]}
 
 
-def _ddpm_scheduler(diffusion: Diffusion, learned_sigma: bool):
+def scheduler_from_diffusion(diffusion: Diffusion, learn_sigma: bool = True):
+    """The diffusers ``DDPMScheduler`` holding the same schedule: learned-range variance (or fixed-small),
+    v- or epsilon-prediction, zero terminal SNR, ``clip_sample=False``, linspace spacing. DDPM sampling steps with
+    it, and a pipeline folder saves its config."""
     from diffusers import DDPMScheduler
 
     return DDPMScheduler(num_train_timesteps=diffusion.num_timesteps, beta_start=diffusion.beta_start,
                          beta_end=diffusion.beta_end, beta_schedule="linear",
-                         variance_type="learned_range" if learned_sigma else "fixed_small",
+                         variance_type="learned_range" if learn_sigma else "fixed_small",
                          prediction_type="v_prediction" if diffusion.prediction == "v" else "epsilon",
                          rescale_betas_zero_snr=diffusion.zero_terminal_snr, clip_sample=False,
                          timestep_spacing="linspace")
@@ -392,7 +395,7 @@ def sample(model: Any, class_labels: torch.Tensor | Sequence[int] | None, *, dif
     labels = labels.to(device)
     guided = guidance_scale != 1.0
     y_in = torch.cat([labels, torch.full_like(labels, num_classes)]) if guided else labels
-    ddpm = _ddpm_scheduler(diffusion, learned_sigma) if sampler == "ddpm" else None
+    ddpm = scheduler_from_diffusion(diffusion, learned_sigma) if sampler == "ddpm" else None
     if ddpm is not None:
         ddpm.set_timesteps(timesteps=list(schedule.timesteps), device=device)
 
