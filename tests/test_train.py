@@ -250,3 +250,13 @@ def test_the_training_docs_python_example_runs(tmp_path, monkeypatch):
     namespace: dict = {}
     exec(compile(block, "docs/training.md", "exec"), namespace)
     assert namespace["summary"].step == 20 and isinstance(namespace["model"], fd.FPDM)
+
+
+def test_default_device_follows_local_rank(monkeypatch):
+    from fixedpoint_diffusion._runtime import default_device
+
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert default_device("cuda") == torch.device("cuda:3")  # a bare "cuda" means this process's GPU
+    assert default_device("cuda:1") == torch.device("cuda:1") and default_device("cpu") == torch.device("cpu")
+    expected = torch.device("cuda:3") if torch.cuda.is_available() else torch.device("cpu")
+    assert default_device(None) == expected

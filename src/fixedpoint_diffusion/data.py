@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ._runtime import default_device, seed_from
+
 __all__ = ["IMAGE_EXTENSIONS", "ImageFolder", "LatentDataset", "Shapes", "extract_latents"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
@@ -292,10 +294,7 @@ def extract_latents(images: str | os.PathLike, vae: str | os.PathLike, out: str 
     if not (vae_path / (vae_subfolder or "") / "config.json").is_file():
         raise FileNotFoundError(f"vae {str(vae)!r}: no config.json{' in ' + vae_subfolder if vae_subfolder else ''}; "
                                 f"give a local AutoencoderKL folder (saved with save_pretrained)")
-    if device is None:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(device)
+    device = default_device(device)
     model = AutoencoderKL.from_pretrained(vae_path, subfolder=vae_subfolder, local_files_only=True,
                                           low_cpu_mem_usage=False).to(device).eval()
     scaling = float(model.config.scaling_factor)
@@ -337,7 +336,7 @@ def extract_latents(images: str | os.PathLike, vae: str | os.PathLike, out: str 
             z = dist.mean
             if posterior == "sample":
                 noise = torch.stack([torch.randn(z.shape[1:], generator=torch.Generator().manual_seed(
-                    seed * 1_000_003 + 2 * i + int(flipped))) for i in chunk]).to(device, z.dtype)
+                    seed_from(seed, 5, i, int(flipped)))) for i in chunk]).to(device, z.dtype)
                 z = z + dist.std * noise
             z = (z - (shift or 0.0)) * scaling
             n = len(chunk)

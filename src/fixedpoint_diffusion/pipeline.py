@@ -44,6 +44,15 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
+@torch.no_grad()
+def decode_latents(vae: Any, latents: torch.Tensor) -> torch.Tensor:
+    """Latents written by training/extraction (``(z - shift_factor) * scaling_factor``) -> images in [-1, 1]
+    through an ``AutoencoderKL``, both factors from its config."""
+    cfg = vae.config
+    z = latents / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
+    return vae.decode(z.to(vae.dtype)).sample
+
+
 class FPDMPipeline(DiffusionPipeline):
     """Class-conditional sampling from an FPDM (or DiT) under a compute budget.
 
@@ -65,14 +74,9 @@ class FPDMPipeline(DiffusionPipeline):
         super().__init__()
         self.register_modules(transformer=transformer, scheduler=scheduler, vae=vae)
 
-    @torch.no_grad()
     def decode(self, samples: torch.Tensor) -> torch.Tensor:
         """Samples -> images in [-1, 1]: through the VAE for a latent model, unchanged for a pixel model."""
-        if self.vae is None:
-            return samples
-        cfg = self.vae.config
-        latents = samples / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
-        return self.vae.decode(latents.to(self.vae.dtype)).sample
+        return samples if self.vae is None else decode_latents(self.vae, samples)
 
     @torch.no_grad()
     def __call__(self, class_labels: Sequence[int] | torch.Tensor | None = None, *, num_samples: int | None = None,

@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._runtime import default_device, init_distributed, seed_from, world_size
+
 __all__ = ["add_parser", "load_model", "run"]
 
 
@@ -87,13 +89,11 @@ def load_model(folder: str | os.PathLike, *, weights: bool = True, device: str |
 
 
 def _labels(args, num_classes: int, indices: range) -> torch.Tensor:
-    from .train import _seed
-
     if args.classes:
         chosen = [int(c) for c in args.classes.split(",")]
         return torch.tensor([chosen[i % len(chosen)] for i in indices])
     return torch.tensor([int(torch.randint(num_classes, (1,), generator=torch.Generator().manual_seed(
-        _seed(args.seed, 4, i)))) for i in indices])
+        seed_from(args.seed, 4, i)))) for i in indices])
 
 
 def run(args: argparse.Namespace) -> int:
@@ -128,14 +128,11 @@ def run(args: argparse.Namespace) -> int:
     import torch.distributed as dist
     from tqdm.auto import tqdm
 
-    from .pipeline import to_uint8
+    from .pipeline import decode_latents, to_uint8
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available() and args.device in (None, "cuda") or str(args.device).startswith("cuda")
-    device = torch.device(args.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if cuda else "cpu"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = world_size()
+    device = default_device(args.device)
+    rank = init_distributed(device)
     model, diffusion = load_model(args.model, device=device)
     diffusion.to(device)
     vae = None
@@ -156,11 +153,7 @@ def run(args: argparse.Namespace) -> int:
         result = sample(model, labels, diffusion=diffusion, schedule=schedule, sampler=args.sampler, eta=args.eta,
                         guidance_scale=args.cfg_scale, guidance_channels=args.guidance_channels, reuse=args.reuse,
                         seed=args.seed, indices=list(idx), device=device)
-        with torch.no_grad():
-            images = result.samples
-            if vae is not None:
-                cfg = vae.config
-                images = vae.decode(images / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)).sample
+        images = decode_latents(vae, result.samples) if vae is not None else result.samples
         from PIL import Image
 
         for i, arr in zip(idx, to_uint8(images)):

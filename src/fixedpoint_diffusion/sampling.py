@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._runtime import seed_from
 from .diffusion import Diffusion, _gather
 
 __all__ = ["ALLOCATIONS", "SampleOutput", "Schedule", "batches_for_rank", "plan", "sample"]
@@ -312,9 +313,7 @@ def _ddim_step(diffusion: Diffusion, pred: torch.Tensor, x: torch.Tensor, t: int
 
 
 def _sample_generators(seed: int, indices: Sequence[int]) -> list[torch.Generator]:
-    from .train import _seed
-
-    return [torch.Generator().manual_seed(_seed(seed, 3, int(i))) for i in indices]
+    return [torch.Generator().manual_seed(seed_from(seed, 3, int(i))) for i in indices]
 
 
 @torch.no_grad()

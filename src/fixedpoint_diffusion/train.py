@@ -31,13 +31,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from ._runtime import default_device, init_distributed, seed_from, world_size
 from .config import Config, ConfigError
 from .data import ImageFolder, LatentDataset, Shapes
 from .diffusion import Diffusion
@@ -88,11 +88,6 @@ class TrainSummary:
         return "\n".join(lines)
 
 
-def _seed(*parts: int) -> int:
-    """A well-mixed 63-bit seed from integers (numpy's SeedSequence hashing)."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> 1)
-
-
 def build_dataset(config: Config, seed: int | None = None):
     """The dataset a config names (errors on a missing/empty folder or a bad latent folder come from here)."""
     data = config.data
@@ -122,7 +117,7 @@ class _StepBatches:
             e, pos = divmod(step, self.per_epoch)
             if e != epoch:
                 epoch = e
-                perm = torch.randperm(self.size, generator=torch.Generator().manual_seed(_seed(self.seed, 1, e)))
+                perm = torch.randperm(self.size, generator=torch.Generator().manual_seed(seed_from(self.seed, 1, e)))
             first = pos * self.global_batch + self.rank * self.local
             yield perm[first:first + self.local].tolist()
 
@@ -199,11 +194,8 @@ class Trainer:
         config.validate()
         self.config, self.hooks, self.progress = config, list(hooks), progress
         tr = config.train
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
-        if device is None:
-            device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}") if cuda else torch.device("cpu")
-        self.device = torch.device(device)
+        self.world = world_size()
+        self.device = default_device(device)
         if tr.global_batch_size % self.world:
             raise ConfigError(f"train.global_batch_size={tr.global_batch_size} must be divisible by the number of "
                               f"processes ({self.world})")
@@ -262,11 +254,7 @@ class Trainer:
 
     def _setup(self) -> None:
         cfg, tr = self.config, self.config.train
-        if self.world > 1 and not dist.is_initialized():
-            if self.device.type == "cuda":
-                torch.cuda.set_device(self.device)
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.rank = init_distributed(self.device)
         if dist.is_initialized() and dist.get_world_size() != self.world:
             raise RuntimeError(f"WORLD_SIZE={self.world} but the process group has {dist.get_world_size()} ranks")
         if self.device.type == "cuda":
@@ -295,6 +283,7 @@ class Trainer:
         self.objective = objective
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=tr.lr, weight_decay=tr.weight_decay,
                                            betas=tuple(tr.betas))
+        self._params, self._ema_params = list(model.parameters()), list(self.ema.parameters())
         self.step = 0
         if self.checkpoint is not None:
             ckpt = self.checkpoint
@@ -314,7 +303,7 @@ class Trainer:
         """The step's random draws for the global batch, sliced to this rank (CPU generator: the same on every
         rank and every device)."""
         tr, G = self.config.train, self.config.train.global_batch_size
-        g = torch.Generator().manual_seed(_seed(tr.seed, 2, step))
+        g = torch.Generator().manual_seed(seed_from(tr.seed, 2, step))
         t = torch.randint(0, self.diffusion.num_timesteps, (G,), generator=g)
         eps = torch.randn((G, *shape), generator=g)
         drop = torch.rand(G, generator=g) < tr.class_dropout
@@ -341,8 +330,7 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
-            ema_p, p = list(self.ema.parameters()), list(self.model.parameters())
-            torch._foreach_lerp_(ema_p, p, 1.0 - tr.ema_decay)
+            torch._foreach_lerp_(self._ema_params, self._params, 1.0 - tr.ema_decay)
         return torch.stack([loss.detach(), mse, vb, residual])
 
     # --- checkpoints ------------------------------------------------------------------------------------------
