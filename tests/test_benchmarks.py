@@ -11,6 +11,9 @@ BENCHMARKS = pathlib.Path(__file__).parents[1] / "benchmarks"
 
 
 def _load(name):
+    """Import ``benchmarks/<name>.py`` as a module (the scripts import their shared ``_common`` module)."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
     spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the script is being executed
