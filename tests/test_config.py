@@ -42,6 +42,7 @@ def test_overrides_parse_toml_values():
     ("train.max_steps=1.5", "train.max_steps must be a int"),
     ("train.mixed_precision=fp16", "train.mixed_precision must be"),
     ("train.ema_decay=1.0", "train.ema_decay must be in [0, 1)"),
+    ("train.max_minutes=-1", "train.max_minutes must be >= 0"),
     ("data.kind=images", "data.path must be a folder"),
     ("model.name=UNet", "model.name must be a preset"),
     ("train.lr", "must look like section.key=value"),

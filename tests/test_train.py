@@ -108,6 +108,26 @@ def test_ctrl_c_stops_at_a_step_boundary_with_a_checkpoint(tmp_path):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
 
 
+def test_time_limit_stops_cleanly_and_counts_across_resumes(tmp_path):
+    import time
+
+    raw = micro_raw(tmp_path / "run", train={"max_steps": 50, "checkpoint_every": 100, "log_every": 100,
+                                             "max_minutes": 0.002})  # 0.12 s
+    summary = fd.train(fd.load_config(raw), progress=False, hooks=[lambda state: time.sleep(0.07)])
+    assert summary.time_limit_reached and not summary.interrupted and 1 <= summary.step <= 2
+    state = _state(tmp_path / "run", summary.step)
+    assert state["train_seconds"] >= 0.12 and summary.train_seconds == state["train_seconds"]
+    assert json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])["step"] == summary.step
+    # The allowance is for the whole run: resuming once it is spent trains nothing ...
+    again = fd.train(fd.load_config(raw), resume=True, progress=False)
+    assert again.time_limit_reached and again.step == summary.step
+    # ... and lifting it continues from the checkpoint.
+    raw["train"].update(max_minutes=0, max_steps=summary.step + 2)
+    more = fd.train(fd.load_config(raw), resume=True, progress=False)
+    assert more.step == summary.step + 2 and not more.time_limit_reached
+    assert _state(tmp_path / "run", more.step)["train_seconds"] > state["train_seconds"]
+
+
 def test_gradient_checkpointing_gives_the_same_gradients():
     torch.manual_seed(0)
     for name, kw in (("FPDM-S/2", {"backward": "jfb", "jfb_steps": 3, "max_steps": 4}), ("DiT-S/2", {"depth": 2})):

@@ -71,6 +71,9 @@ class TrainConfig:
     Attributes:
         global_batch_size: summed over all processes; must divide by the number of processes.
         max_steps: optimizer steps of the whole run (a resumed run continues up to it).
+        max_minutes: stop once the training loop has run this many minutes in all, counted across resumed runs
+            (0: no limit). The run stops at a step boundary (under DDP: the next log step) and writes a
+            checkpoint; a run stopped this way is complete, not interrupted.
         lr, weight_decay, betas: AdamW.
         grad_clip: clip the global gradient norm to this value (0: off).
         ema_decay: constant EMA decay (DiT: 0.9999); the EMA starts as a copy of the model.
@@ -90,6 +93,7 @@ class TrainConfig:
 
     global_batch_size: int = 512
     max_steps: int = 400_000
+    max_minutes: float = 0.0
     lr: float = 1e-4
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -153,6 +157,7 @@ class Config:
         _require(data.num_workers >= 0, "data.num_workers", data.num_workers, ">= 0")
         _require(tr.global_batch_size >= 1, "train.global_batch_size", tr.global_batch_size, ">= 1")
         _require(tr.max_steps >= 1, "train.max_steps", tr.max_steps, ">= 1")
+        _require(tr.max_minutes >= 0, "train.max_minutes", tr.max_minutes, ">= 0 (0: no limit)")
         _require(tr.lr > 0, "train.lr", tr.lr, "> 0")
         _require(tr.weight_decay >= 0, "train.weight_decay", tr.weight_decay, ">= 0")
         _require(len(tr.betas) == 2 and all(0 <= b < 1 for b in tr.betas), "train.betas", tr.betas,

@@ -66,6 +66,8 @@ class TrainSummary:
     step: int
     interrupted: bool
     elapsed_s: float
+    time_limit_reached: bool
+    train_seconds: float
     steps_per_s: float
     last_metrics: dict[str, float] | None
     parameters: int
@@ -75,8 +77,10 @@ class TrainSummary:
     ema_dir: Path | None
 
     def __str__(self) -> str:
-        lines = [f"trained steps {self.start_step} -> {self.step}" + (" (interrupted)" if self.interrupted else ""),
-                 f"  {self.elapsed_s:.1f} s, {self.steps_per_s:.2f} steps/s, {self.parameters:,} parameters"]
+        lines = [f"trained steps {self.start_step} -> {self.step}" + (" (interrupted)" if self.interrupted else "")
+                 + (" (time limit reached)" if self.time_limit_reached else ""),
+                 (f"  {self.elapsed_s:.1f} s ({self.train_seconds:.1f} s in all), {self.steps_per_s:.2f} steps/s, "
+                  f"{self.parameters:,} parameters")]
         if self.peak_memory_bytes is not None:
             lines.append(f"  peak GPU memory {self.peak_memory_bytes / 2**30:.2f} GiB")
         if self.last_metrics:
@@ -285,12 +289,14 @@ class Trainer:
                                            betas=tuple(tr.betas))
         self._params, self._ema_params = list(model.parameters()), list(self.ema.parameters())
         self.step = 0
+        self.train_seconds = 0.0  # training-loop wall time of this run and the runs it resumes
         if self.checkpoint is not None:
             ckpt = self.checkpoint
             self.model.load_state_dict(ckpt["model"])
             self.ema.load_state_dict(ckpt["ema"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.step = int(ckpt["step"])
+            self.train_seconds = float(ckpt.get("train_seconds", 0.0))
             torch.set_rng_state(ckpt["rng"]["torch"])
             if self.device.type == "cuda" and ckpt["rng"].get("cuda"):
                 torch.cuda.set_rng_state(ckpt["rng"]["cuda"], self.device)
@@ -350,7 +356,7 @@ class Trainer:
             state = {"format": 1, "step": self.step, "model": self.model.state_dict(),
                      "ema": self.ema.state_dict(), "optimizer": self.optimizer.state_dict(),
                      "config": self.config.to_dict(), "model_signature": _model_signature(self.model), "rng": rng,
-                     "world_size": self.world}
+                     "world_size": self.world, "train_seconds": self.train_seconds}
             _save_atomic(state, path)
             self._save_ema()
             old = sorted(p for p in folder.iterdir() if _CKPT.match(p.name))[:-self.config.train.keep_checkpoints]
@@ -401,20 +407,26 @@ class Trainer:
         parameters = sum(p.numel() for p in self.model.parameters())
         sums = torch.zeros(4, device=self.device)
         count, interval_start, t0 = 0, time.perf_counter(), time.perf_counter()
-        last_metrics, last_ckpt, interrupted = None, None, False
+        last_metrics, last_ckpt, interrupted, time_up = None, None, False, False
+        limit_s, base_seconds = 60 * tr.max_minutes, self.train_seconds
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         self.objective.train()
         try:
             with stop:
                 for x, y in loader:
+                    if limit_s and base_seconds >= limit_s:  # a resumed run whose time was already spent
+                        time_up = True
+                        break
                     sums += self._train_step(x, y, self.step)
                     self.step += 1
+                    self.train_seconds = base_seconds + time.perf_counter() - t0
                     count += 1
                     bar.update(1)
                     metrics, ckpt = None, None
                     log_now = self.step % tr.log_every == 0 or self.step == tr.max_steps
-                    if log_now or (stop.requested and self.world == 1):
+                    over = bool(limit_s) and self.train_seconds >= limit_s
+                    if log_now or ((stop.requested or over) and self.world == 1):
                         metrics = self._reduce(sums, count, time.perf_counter() - interval_start)
                         sums.zero_()
                         count, interval_start = 0, time.perf_counter()
@@ -428,15 +440,20 @@ class Trainer:
                                     board.add_scalar(f"train/{key}", value, self.step)
                     # Every rank must agree on stopping: in a multi-process run the flag is all-reduced on log
                     # steps (which already synchronise), so a stop lands at the next log step.
-                    stopping = stop.requested if self.world == 1 else (log_now and _any_rank(stop.requested,
-                                                                                              self.device))
+                    if self.world == 1:
+                        stopping, time_up = stop.requested or over, over
+                    elif log_now:
+                        flags = _any_rank([stop.requested, over], self.device)
+                        stopping, time_up = any(flags), flags[1]
+                    else:
+                        stopping = False
                     if self.step % tr.checkpoint_every == 0 or self.step == tr.max_steps or stopping:
                         ckpt = last_ckpt = self.save_checkpoint()
                     if is_main:
                         for hook in self.hooks:
                             hook(TrainState(step=self.step, metrics=metrics, checkpoint=ckpt))
                     if stopping:
-                        interrupted = True
+                        interrupted = not time_up
                         break
         finally:
             bar.close()
@@ -447,6 +464,7 @@ class Trainer:
         elapsed = time.perf_counter() - t0
         peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
         summary = TrainSummary(start_step=start, step=self.step, interrupted=interrupted, elapsed_s=elapsed,
+                               time_limit_reached=time_up, train_seconds=self.train_seconds,
                                steps_per_s=(self.step - start) / elapsed if elapsed > 0 else 0.0,
                                last_metrics=last_metrics, parameters=parameters, peak_memory_bytes=peak,
                                out_dir=self.out_dir, checkpoint=last_ckpt,
@@ -467,10 +485,11 @@ class Trainer:
                 "steps_per_s": count / seconds if seconds > 0 else 0.0}
 
 
-def _any_rank(flag: bool, device: torch.device) -> bool:
-    value = torch.tensor([float(flag)], device=device)
+def _any_rank(flags: list[bool], device: torch.device) -> list[bool]:
+    """Each flag OR-ed over all ranks (one all-reduce)."""
+    value = torch.tensor([float(f) for f in flags], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+    return [bool(v) for v in value.tolist()]
 
 
 def _tensorboard(out_dir: Path):
