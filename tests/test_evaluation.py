@@ -1,6 +1,7 @@
 """Quality metrics against independent computations: closed forms for the Fréchet distance, a loop for KID."""
 
 import itertools
+import json
 
 import numpy as np
 import pytest
@@ -159,3 +160,76 @@ def test_small_classifier_metrics_rank_real_above_degraded_above_noise():
     assert scores[0]["fd"] < scores[1]["fd"] < scores[2]["fd"]
     assert scores[0]["kid"] < scores[1]["kid"] < scores[2]["kid"]
     assert scores[0]["accuracy"] > 0.85 and scores[2]["accuracy"] < 0.5
+
+
+def _write_sets(tmp_path, n=24, size=16):
+    from PIL import Image
+
+    a = to_uint8(Shapes(n, size, seed=21).images)
+    b = to_uint8(Shapes(n, size, seed=22).images * 0.8)
+    np.savez(tmp_path / "a.npz", arr_0=a, arr_1=Shapes(n, size, seed=21).labels.numpy())
+    (tmp_path / "b").mkdir()
+    for i, img in enumerate(b):
+        Image.fromarray(img).save(tmp_path / "b" / f"{i:04d}.png")
+    return a, b
+
+
+def test_fpdm_eval_with_the_small_classifier_equals_the_library_route(tmp_path, capsys):
+    from fixedpoint_diffusion import cli
+
+    a, b = _write_sets(tmp_path)
+    classifier, _ = ev.train_classifier(steps=3, batch_size=16, num_train=64, num_test=16)
+    classifier.save(tmp_path / "c.pt")
+    code = cli.main(["eval", str(tmp_path / "a.npz"), str(tmp_path / "b"), "--classifier", str(tmp_path / "c.pt"),
+                     "--kid-subsets", "5", "--out", str(tmp_path / "r.json"), "--save-stats", str(tmp_path / "s.npz")])
+    assert code == 0
+    result = json.loads((tmp_path / "r.json").read_text())
+    fa, pa = ev.classifier_features(classifier, a)
+    fb, _ = ev.classifier_features(classifier, b)
+    assert result["fd"] == pytest.approx(ev.frechet_distance(fa, fb), rel=1e-5)  # float32 features, batching
+    assert result["kid"] == pytest.approx(ev.kernel_inception_distance(fa, fb, subsets=5)[0], rel=1e-4)
+    labels = np.load(tmp_path / "a.npz")["arr_1"]
+    assert result["accuracy"] == pytest.approx(float((pa == labels).mean()))
+    assert "Fréchet distance" in capsys.readouterr().out
+    # Statistics saved for the first set stand in for it: same distance, no KID.
+    code = cli.main(["eval", str(tmp_path / "b"), str(tmp_path / "s.npz"), "--classifier", str(tmp_path / "c.pt"),
+                     "--out", str(tmp_path / "r2.json")])
+    again = json.loads((tmp_path / "r2.json").read_text())
+    assert code == 0 and again["fd"] == pytest.approx(result["fd"], rel=1e-6) and "kid" not in again
+    assert "KID: skipped" in capsys.readouterr().out
+
+
+def test_fpdm_eval_fid_from_a_local_inception_file(tmp_path):
+    from fixedpoint_diffusion import cli
+    from fixedpoint_diffusion.inception import InceptionV3Features, inception_features, load_inception
+
+    a, b = _write_sets(tmp_path, n=6, size=32)
+    torch.manual_seed(0)
+    torch.save(InceptionV3Features().state_dict(), tmp_path / "pt_inception.pth")  # random weights, real layout
+    code = cli.main(["eval", str(tmp_path / "a.npz"), str(tmp_path / "b"), "--inception",
+                     str(tmp_path / "pt_inception.pth"), "--kid-subsets", "3", "--out", str(tmp_path / "r.json")])
+    result = json.loads((tmp_path / "r.json").read_text())
+    net = load_inception(tmp_path / "pt_inception.pth")
+    expected = ev.frechet_distance(inception_features(net, a), inception_features(net, b))
+    assert code == 0 and result["features"] == "inception" and result["fid"] == pytest.approx(expected, rel=1e-6)
+    assert result["num_first"] == result["num_second"] == 6 and "accuracy" not in result
+
+
+@pytest.mark.parametrize("args, message", [
+    (["a.npz", "b.npz"], "exactly one of --inception"),
+    (["a.npz", "b.npz", "--inception", "x.pth", "--classifier", "c.pt"], "exactly one of --inception"),
+    (["a.npz", "--classifier", "c.pt"], "a second image set"),
+    (["missing.npz", "b.npz", "--classifier", "c.pt"], "missing.npz: no such file"),
+    (["a.npz", "b.npz", "--classifier", "nothere.pt"], "nothere.pt: no such classifier"),
+    (["a.npz", "b.npz", "--inception", "nothere.pth"], "Inception weights file not found"),
+])
+def test_fpdm_eval_input_errors_are_one_line(tmp_path, monkeypatch, capsys, args, message):
+    from fixedpoint_diffusion import cli
+
+    monkeypatch.chdir(tmp_path)
+    images = np.zeros((3, 16, 16, 3), np.uint8)
+    np.savez("a.npz", arr_0=images)
+    np.savez("b.npz", arr_0=images)
+    assert cli.main(["eval", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1

@@ -1,4 +1,5 @@
-"""The ``fpdm`` command: ``fpdm train``, ``fpdm extract-latents``, ``fpdm sample`` and ``fpdm configs``."""
+"""The ``fpdm`` command: ``fpdm train``, ``fpdm extract-latents``, ``fpdm sample``, ``fpdm eval`` and
+``fpdm configs``."""
 
 from __future__ import annotations
 
@@ -78,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .sample_cli import add_parser as add_sample
 
     add_sample(sub)
+
+    from .eval_cli import add_parser as add_eval
+
+    add_eval(sub)
 
     p = sub.add_parser("configs", help="list the configs shipped with the package")
     p.set_defaults(func=_configs)

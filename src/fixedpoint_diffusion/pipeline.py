@@ -44,6 +44,26 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
+def image_grid(images: np.ndarray, columns: int | None = None, scale: int = 1) -> np.ndarray:
+    """Tile uint8 images (N, H, W, 3) into one (rows * H * scale, columns * W * scale, 3) image, row by row.
+
+    Args:
+        columns: images per row (default: ceil(sqrt(N)), a near-square grid); empty cells stay black.
+        scale: integer nearest-neighbour upscaling (small images stay crisp in a viewer).
+    """
+    n, h, w = images.shape[:3]
+    if n == 0:
+        raise ValueError("images is empty")
+    if not (isinstance(scale, int) and scale >= 1):
+        raise ValueError(f"scale must be an int >= 1, got {scale!r}")
+    columns = columns or int(np.ceil(np.sqrt(n)))
+    rows = -(-n // columns)
+    grid = np.zeros((rows * h, columns * w, 3), dtype=np.uint8)
+    for k in range(n):
+        grid[(k // columns) * h:(k // columns + 1) * h, (k % columns) * w:(k % columns + 1) * w] = images[k]
+    return grid.repeat(scale, 0).repeat(scale, 1) if scale > 1 else grid
+
+
 @torch.no_grad()
 def decode_latents(vae: Any, latents: torch.Tensor) -> torch.Tensor:
     """Latents written by training/extraction (``(z - shift_factor) * scaling_factor``) -> images in [-1, 1]

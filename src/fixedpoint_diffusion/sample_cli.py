@@ -179,6 +179,8 @@ def _finish(out: Path, args, schedule, world: int) -> None:
     """Rank 0: gather every rank's PNGs into samples.npz and grid.png, and the diagnostics into one file."""
     from PIL import Image
 
+    from .pipeline import image_grid
+
     records = []
     for r in range(world):
         records += json.loads((out / f"diagnostics-rank{r:03d}.json").read_text())
@@ -193,13 +195,7 @@ def _finish(out: Path, args, schedule, world: int) -> None:
     tmp = out / "samples.tmp.npz"
     np.savez(tmp, arr_0=arrays, arr_1=labels)
     os.replace(tmp, out / "samples.npz")
-    n = min(64, len(arrays))
-    cols = int(np.ceil(np.sqrt(n)))
-    rows = int(np.ceil(n / cols))
-    h, w = arrays.shape[1:3]
-    grid = np.zeros((rows * h, cols * w, 3), dtype=np.uint8)
-    for k in range(n):
-        grid[(k // cols) * h:(k // cols + 1) * h, (k % cols) * w:(k % cols + 1) * w] = arrays[k]
+    grid = image_grid(arrays[:64])
     Image.fromarray(grid).save(out / "grid.png")
     summary = {"schedule": {"timesteps": list(schedule.timesteps), "iterations": schedule.iterations,
                             "allocation": schedule.allocation, "budget": schedule.budget,
