@@ -5,7 +5,9 @@ import json
 import pathlib
 import sys
 
+import numpy as np
 import pytest
+import torch
 
 BENCHMARKS = pathlib.Path(__file__).parents[1] / "benchmarks"
 
@@ -52,3 +54,38 @@ def test_training_benchmark_tiny(tmp_path, capsys):
         model = fd.create_model(name, input_size=8, num_classes=1000)
         assert row["params"] == sum(p.numel() for p in model.parameters())
     assert all(row["step_ms"] > 0 and row["saved_mib"] > 0 and row["peak_mib"] is None for row in rows.values())
+
+
+@pytest.mark.slow
+def test_sampling_benchmark_tiny(tmp_path, capsys):
+    out = tmp_path / "sampling.json"
+    result = _load("sampling").main(["--tiny", "--device", "cpu", "--out", str(out)])
+    assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(result["rows"]))
+    assert out.with_suffix(".png").is_file() and "| FPDM-S/2 |" in capsys.readouterr().out
+    import fixedpoint_diffusion as fd
+
+    for row in result["rows"]:
+        assert row["block_passes"] <= row["budget"] and row["utilisation"] > 0
+        # FLOPs per image = 2 x the model's own MAC count for one forward x the number of timesteps.
+        model = fd.create_model(row["model"], input_size=8)
+        x, t, y = torch.zeros(1, 4, 8, 8), torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long)
+        kw = {"num_steps": row["iters_per_step"]} if row["iters_per_step"] else {}
+        with torch.no_grad():
+            macs = model(x, t, y, **kw).cost.macs
+        assert row["gflop_per_image"] * 1e9 == pytest.approx(2 * macs * row["num_steps"], rel=1e-9)
+
+
+@pytest.mark.slow
+def test_quality_benchmark_tiny(tmp_path, capsys):
+    out = tmp_path / "quality.json"
+    result = _load("quality").main(["--tiny", "--quiet", "--work", str(tmp_path / "runs"), "--out", str(out)])
+    stored = json.loads(out.read_text())
+    assert out.with_suffix(".png").is_file() and "| budget | DiT |" in capsys.readouterr().out
+    experiments = {(r["experiment"], r["model"]) for r in stored["rows"]}
+    assert experiments == {("budget", "DiT"), ("budget", "FPDM S-JFB"), ("smoothing", "FPDM S-JFB"),
+                           ("reuse", "FPDM S-JFB"), ("backward", "FPDM JFB"), ("backward", "FPDM multi-step JFB")}
+    assert stored["plan"]["steps"] == {name: t["steps"] for name, t in stored["training"].items()}
+    for row in result["rows"]:
+        assert row["block_passes"] <= row["budget"] and np.isfinite(row["fd"]) and row["num"] == 32
+        if row["iters_per_step"]:
+            assert row["num_steps"] == row["budget"] // (2 + row["iters_per_step"])
