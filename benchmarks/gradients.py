@@ -331,6 +331,24 @@ def markdown(result: dict[str, object]) -> str:
     return "\n".join(lines)
 
 
+def plot(record: dict[str, object], out: Path) -> Path:
+    """Gradient error against activation memory saved for backward, one panel per problem."""
+    from _common import pyplot, save_figure
+
+    plt = pyplot()
+    problems = record["problems"]
+    fig, axes = plt.subplots(1, len(problems), figsize=(9 * len(problems), 4.5), squeeze=False)
+    for ax, result in zip(axes[0], problems):
+        for i, r in enumerate(result["rows"]):
+            error = max(r["rel_error"], 1e-16)  # exact to rounding shows on the log axis's floor
+            ax.scatter(r["saved_activation_bytes"] / 1024, error, label=r["mode"], color=plt.cm.tab20(i % 20),
+                       marker="s" if "torchdeq" in r["mode"] else "o")
+        ax.set(yscale="log", xlabel="activations saved for backward (KiB)",
+               ylabel="relative gradient error vs exact implicit gradient", title=result["problem"])
+        ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    return save_figure(fig, out)
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -406,7 +424,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         print(markdown(result), end="\n\n")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    print(f"wrote {args.out} and {plot(record, args.out)}")
     return record
 
 

@@ -135,6 +135,7 @@ def plot(record: dict, out: Path) -> Path:
         ax.plot(*zip(*pts), "-o", label=f"FPDM, k={k}")
     ax.set(xscale="log", yscale="log", xlabel="block passes per image", ylabel="FD (small classifier)",
            title="Quality vs budget (Table 1)")
+    ax.set_xticks(sorted({r["budget"] for r in budget}))
     ax.legend(fontsize=8)
     for ax, reuse, title in [(axes[1], True, "Timestep smoothing (Fig. 4)"), (axes[2], None, "Reuse (Fig. 6a)")]:
         on = sorted((r["iters_per_step"], r["fd"]) for r in rows if r["experiment"] == "smoothing")
@@ -149,10 +150,11 @@ def plot(record: dict, out: Path) -> Path:
         if dit_at:
             ax.axhline(dit_at[0], color="k", ls="--", label="DiT (same budget)")
         ax.set(xscale="log", yscale="log", xlabel="fixed-point iterations per timestep k", ylabel="FD", title=title)
+        ax.set_xticks([k for k, _ in on])
         ax.legend(fontsize=8)
     ax = axes[3]
     at = record["settings"]["budget_at"]
-    groups = {"FPDM S-JFB": [r for r in rows if r["experiment"] == "smoothing" and r["model"] == "FPDM S-JFB"]}
+    groups = {"FPDM S-JFB": [r for r in rows if r["model"] == "FPDM S-JFB" and r["budget"] == at and r["reuse"]]}
     for model in ("FPDM JFB", "FPDM multi-step JFB"):
         groups[model] = [r for r in rows if r["experiment"] == "backward" and r["model"] == model]
     ks = record["settings"]["backward_iters"]
@@ -163,6 +165,13 @@ def plot(record: dict, out: Path) -> Path:
     ax.set_xticks([j + width * (len(groups) - 1) / 2 for j in range(len(ks))], [f"k={k}" for k in ks])
     ax.set(yscale="log", ylabel="FD", title=f"Training backward mode (Table 5), budget {at}")
     ax.legend(fontsize=8)
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    for ax in axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            if axis.get_scale() == "log":
+                axis.set_major_formatter(ScalarFormatter())
+                axis.set_minor_formatter(NullFormatter())
     return _common.save_figure(fig, out)
 
 

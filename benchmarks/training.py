@@ -121,6 +121,27 @@ def bench_model(name: str, args, device: torch.device) -> dict:
             "fwd_gmacs": sum(macs) / len(macs) / 1e9}
 
 
+def plot(result: dict, out: Path) -> Path:
+    """Each model's step time, activation memory, peak memory and parameters as ratios to DiT's."""
+    from _common import pyplot, save_figure
+
+    plt = pyplot()
+    rows = result["rows"]
+    base = next((r for r in rows if r["model"].startswith("DiT")), rows[0])
+    keys = [("step_ms", "step time"), ("saved_mib", "activations saved"), ("peak_mib", "peak memory"),
+            ("params", "parameters")]
+    keys = [(k, label) for k, label in keys if base[k]]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / len(rows)
+    for i, r in enumerate(rows):
+        ax.bar([j + i * width for j in range(len(keys))], [r[k] / base[k] for k, _ in keys], width, label=r["model"])
+    ax.set_xticks([j + width * (len(rows) - 1) / 2 for j in range(len(keys))], [label for _, label in keys])
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set(ylabel=f"ratio to {base['model']}", title=f"Training step, batch {result['settings']['batch']}")
+    ax.legend()
+    return save_figure(fig, out)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=None)
@@ -168,6 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out} and {plot(result, out)}")
     return result
 
 
