@@ -242,3 +242,15 @@ def test_fpdm_eval_input_errors_are_one_line(tmp_path, monkeypatch, capsys, args
     assert cli.main(["eval", *args]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_the_evaluation_docs_python_example_runs():
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).parents[1] / "docs" / "evaluation.md").read_text()
+    block = re.search(r"```python\n(.*?)```", text, re.DOTALL).group(1)
+    namespace: dict = {}
+    exec(compile(block, "docs/evaluation.md", "exec"), namespace)  # noqa: S102 - the docs' own example
+    assert namespace["scores"]["accuracy"] > 0.8 and namespace["scores"]["fd"] < 5
