@@ -113,7 +113,8 @@ def test_time_limit_stops_cleanly_and_counts_across_resumes(tmp_path):
 
     raw = micro_raw(tmp_path / "run", train={"max_steps": 50, "checkpoint_every": 100, "log_every": 100,
                                              "max_minutes": 0.002})  # 0.12 s
-    summary = fd.train(fd.load_config(raw), progress=False, hooks=[lambda state: time.sleep(0.07)])
+    # Each hook call sleeps longer than the whole allowance, so the run stops after step 1 or step 2 at the latest.
+    summary = fd.train(fd.load_config(raw), progress=False, hooks=[lambda state: time.sleep(0.13)])
     assert summary.time_limit_reached and not summary.interrupted and 1 <= summary.step <= 2
     state = _state(tmp_path / "run", summary.step)
     assert state["train_seconds"] >= 0.12 and summary.train_seconds == state["train_seconds"]
