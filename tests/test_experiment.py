@@ -66,3 +66,28 @@ def test_scorer_equals_sampling_and_scoring_by_hand(tmp_path):
     # A second build reads the stored classifier instead of training one.
     again = Scorer.build(8, tmp_path, classifier_steps=3, num_reference=50)
     assert np.allclose(again.reference, scorer.reference)
+
+
+def test_an_interrupted_run_stops_the_whole_job(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from fixedpoint_diffusion.train import Trainer
+
+    configs = _configs(tmp_path)
+    plan_steps = {}
+    original = Trainer._train_step
+
+    def step(self, x, y, k):
+        plan_steps.setdefault(self.out_dir.name, k)
+        if self.out_dir.name == "fpdm" and k == 0:
+            os.kill(os.getpid(), signal.SIGTERM)  # as if the job were killed during its first step
+        return original(self, x, y, k)
+
+    from fixedpoint_diffusion import experiment
+
+    monkeypatch.setattr(experiment, "calibrate", lambda configs, device=None: {name: 0.1 for name in configs})
+    monkeypatch.setattr(Trainer, "_train_step", step)
+    with pytest.raises(KeyboardInterrupt, match="'fpdm' was interrupted at step 1"):
+        train_for(configs, 0.01, progress=False)
+    assert list(plan_steps) == ["fpdm"] and (tmp_path / "fpdm" / "checkpoints" / "step-00000001.pt").is_file()

@@ -96,6 +96,10 @@ def train_for(configs: Mapping[str, Config], minutes: float, *, device: torch.de
 
     Returns:
         The :class:`Plan` and each config's :class:`~fixedpoint_diffusion.train.TrainSummary`.
+
+    Raises:
+        KeyboardInterrupt: a run was stopped by Ctrl-C or SIGTERM (after writing its checkpoint); the configs
+            after it are not started.
     """
     if not (isinstance(minutes, (int, float)) and minutes > 0):
         raise ValueError(f"minutes must be a number > 0, got {minutes!r}")
@@ -119,6 +123,9 @@ def train_for(configs: Mapping[str, Config], minutes: float, *, device: torch.de
         config.train.checkpoint_every = min(config.train.checkpoint_every, max(1, plan.steps[name] // 4))
         resume = latest_checkpoint(config.train.out_dir) is not None
         summaries[name] = Trainer(config, resume=resume, device=device, progress=progress).run()
+        if summaries[name].interrupted:  # Ctrl-C or SIGTERM: the run saved its checkpoint; stop the whole job
+            raise KeyboardInterrupt(f"training {name!r} was interrupted at step {summaries[name].step}; "
+                                    "run again to resume")
     return plan, summaries
 
 
