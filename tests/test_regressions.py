@@ -103,3 +103,48 @@ def test_deq_with_integer_input_and_no_z0_names_x():
 def test_solutions_compare_by_identity():
     sol = fp.solve(lambda z: 0.5 * z, torch.ones(2, 2))
     assert sol == sol and sol != fp.solve(lambda z: 0.5 * z, torch.ones(2, 2))
+
+
+def test_loop_enters_no_autocast_context_when_autocast_is_off():
+    """The solver algebra is kept out of the caller's autocast; when there is none, the loop must not pay for
+    entering a disabling context on every step (about 3 us of Python each on the CPU)."""
+    import contextlib
+    import warnings
+
+    from fixedpoint._loop import _autocast_enabled_before_2_4, _no_autocast
+
+    cpu = torch.device("cpu")
+    assert isinstance(_no_autocast(cpu), contextlib.nullcontext)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        context = _no_autocast(cpu)
+        assert isinstance(context, torch.autocast)
+        with context:
+            assert not torch.is_autocast_enabled("cpu")
+        assert torch.is_autocast_enabled("cpu")
+    with warnings.catch_warnings():  # the pre-2.4 spelling, deprecated since, must agree with the device query
+        warnings.simplefilter("ignore")
+        for enabled in (False, True):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+                assert _autocast_enabled_before_2_4("cpu") is torch.is_autocast_enabled("cpu") is enabled
+        assert _autocast_enabled_before_2_4("cuda") is torch.is_autocast_enabled("cuda")
+
+
+@pytest.mark.parametrize("solver", ["iteration", "anderson", "broyden"])
+def test_a_sample_non_finite_for_one_step_stays_flagged(solver):
+    """Non-finite is "ever non-finite": a sample whose map returns NaN once no longer holds the solve up (it stops
+    when the others converge) and is reported NONFINITE with its best finite iterate, even if later steps would
+    have been finite again."""
+    prob = affine(0.9, batch=3, dim=8)
+    calls = [0]
+
+    def f(z):
+        calls[0] += 1
+        out = prob.f(z)
+        if calls[0] == 3:
+            out[1] = float("nan")
+        return out
+
+    sol = fp.solve(f, torch.zeros_like(prob.x), solver=solver, rtol=1e-8, atol=0, max_steps=400, trace=True)
+    assert sol.statuses() == [fp.Status.CONVERGED, fp.Status.NONFINITE, fp.Status.CONVERGED]
+    assert sol.num_steps < 400 and torch.isfinite(sol.z).all()
+    assert sol.trace[2, 1].isnan() and sol.residual[1] == sol.trace[:2, 1].min()

@@ -86,7 +86,9 @@ def _checked(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor) -> Cal
             raise ValueError(f"f(z) must be on z0's device {device}, got {fz.device}")
         if not fz.is_floating_point():
             raise TypeError(f"f(z) must be floating point, got {fz.dtype}")
-        return fz.to(dtype)  # e.g. bf16 outputs under autocast keep the state in z0's dtype
+        # e.g. bf16 outputs under autocast keep the state in z0's dtype (`to` of the same dtype returns fz
+        # itself; the comparison spares that call on every step)
+        return fz if fz.dtype == dtype else fz.to(dtype)
 
     return checked
 
