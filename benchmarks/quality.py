@@ -86,12 +86,16 @@ def run(args) -> dict:
                           classifier_steps=20 if args.tiny else 400)
     models = {name: load_model(Path(cfg.train.out_dir) / "ema", device=args.device) for name, cfg in configs.items()}
     rows: list[dict] = []
+    done: dict[tuple, dict] = {}  # the same configuration in two experiments is sampled once
 
     def score(experiment: str, model: str, budget: int, k: int | None = None, reuse: bool = True) -> dict:
         net, diffusion = models[model]
-        result = scorer.score(net, diffusion, num_samples=args.samples, batch_size=args.batch_size,
-                              seed=args.seed, device=args.device, budget=budget, iters_per_step=k,
-                              sampler="ddim", reuse=reuse)
+        key = (model, budget, k, reuse)
+        if key not in done:
+            done[key] = scorer.score(net, diffusion, num_samples=args.samples, batch_size=args.batch_size,
+                                     seed=args.seed, device=args.device, budget=budget, iters_per_step=k,
+                                     sampler="ddim", reuse=reuse)
+        result = done[key]
         row = {"experiment": experiment, "model": model, "budget": budget, "iters_per_step": k, "reuse": reuse,
                **result}
         rows.append(row)
