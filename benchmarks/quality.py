@@ -137,7 +137,7 @@ def plot(record: dict, out: Path) -> Path:
     for k in sorted({r["iters_per_step"] for r in budget if r["iters_per_step"] is not None}):
         pts = sorted((r["budget"], r["fd"]) for r in budget if r["iters_per_step"] == k)
         ax.plot(*zip(*pts), "-o", label=f"FPDM, k={k}")
-    ax.set(xscale="log", yscale="log", xlabel="block passes per image", ylabel="FD (small classifier)",
+    ax.set(xscale="log", xlabel="block passes per image", ylabel="FD (small classifier)",
            title="Quality vs budget (Table 1)")
     ax.set_xticks(sorted({r["budget"] for r in budget}))
     ax.legend(fontsize=8)
@@ -153,7 +153,7 @@ def plot(record: dict, out: Path) -> Path:
                   and r["budget"] == next(x["budget"] for x in rows if x["experiment"] == "smoothing")]
         if dit_at:
             ax.axhline(dit_at[0], color="k", ls="--", label="DiT (same budget)")
-        ax.set(xscale="log", yscale="log", xlabel="fixed-point iterations per timestep k", ylabel="FD", title=title)
+        ax.set(xscale="log", xlabel="fixed-point iterations per timestep k", ylabel="FD", title=title)
         ax.set_xticks([k for k, _ in on])
         ax.legend(fontsize=8)
     ax = axes[3]
@@ -167,7 +167,7 @@ def plot(record: dict, out: Path) -> Path:
         values = [next((r["fd"] for r in group if r["iters_per_step"] == k), math.nan) for k in ks]
         ax.bar([j + i * width for j in range(len(ks))], values, width, label=model)
     ax.set_xticks([j + width * (len(groups) - 1) / 2 for j in range(len(ks))], [f"k={k}" for k in ks])
-    ax.set(yscale="log", ylabel="FD", title=f"Training backward mode (Table 5), budget {at}")
+    ax.set(ylabel="FD", title=f"Training backward mode (Table 5), budget {at}")
     ax.legend(fontsize=8)
     from matplotlib.ticker import NullFormatter, ScalarFormatter
 
