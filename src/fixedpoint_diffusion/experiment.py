@@ -176,6 +176,9 @@ class Scorer:
             ``fd``, ``kid``, ``kid_std``, ``accuracy`` (see :func:`evaluate_samples`), ``block_passes`` per image,
             ``num_steps``, ``iters_per_step`` (FPDM), ``residual`` (mean relative Δ_t per timestep), ``seconds``.
         """
+        for name, value in (("num_samples", num_samples), ("batch_size", batch_size)):
+            if not (isinstance(value, int) and value >= 2 - (name == "batch_size")):
+                raise ValueError(f"{name} must be an int >= {2 - (name == 'batch_size')}, got {value!r}")
         num_classes = model.config.num_classes
         labels = torch.arange(num_samples) % num_classes
         images, residuals, out = [], [], None
