@@ -1,7 +1,8 @@
 """Backward modes: how gradients pass through a fixed-point solve."""
 
 from ._base import Backward
-from .implicit import Implicit
+from .implicit import AdjointState, Implicit
 from .jfb import JFB, StochasticJFB
+from .linear import GMRES, Neumann
 
-__all__ = ["JFB", "Backward", "Implicit", "StochasticJFB"]
+__all__ = ["GMRES", "JFB", "AdjointState", "Backward", "Implicit", "Neumann", "StochasticJFB"]
