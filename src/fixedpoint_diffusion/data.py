@@ -164,7 +164,12 @@ class LatentDataset(Dataset):
     dataset larger than RAM works), after checking that all shards are there with the shapes the manifest says.
 
     Attributes:
-        num_classes, classes, latent_shape (C, H, W), scaling_factor, shift_factor, vae (the VAE folder used).
+        classes: the class names, in label order.
+        num_classes: ``len(classes)``.
+        latent_shape: ``(C, H, W)`` of one latent.
+        scaling_factor, shift_factor: the VAE's, from its config (stored latents are
+            ``(z - shift_factor) * scaling_factor``; ``shift_factor`` may be ``None``).
+        vae: the VAE folder the latents were made with.
 
     Raises:
         FileNotFoundError: no folder or no manifest (not an ``extract-latents`` output).
