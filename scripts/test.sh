@@ -10,7 +10,7 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   # torch (also pulled in by our own dependency list) would download several GB of CUDA packages.
   "$PY" -m pip install --quiet "torch==2.13.0"
 fi
-if ! "$PY" -c "import fixedpoint, fixedpoint_diffusion, einops, diffusers, numpy, matplotlib, tqdm, PIL, torchdeq, pytest, hypothesis" 2>/dev/null; then
+if ! "$PY" -c "import fixedpoint, fixedpoint_diffusion, einops, diffusers, numpy, matplotlib, tqdm, PIL, torchdeq, pytest, hypothesis, mkdocs, mkdocstrings_handlers.python" 2>/dev/null; then
   "$PY" -m pip install --quiet -e ".[test]"
 fi
 exec "$PY" -m pytest "$@"
