@@ -106,10 +106,11 @@ class MarkdownDocstrings(Extension):
 
     def on_instance(self, *, obj: Object, **kwargs: Any) -> None:
         """Rewrite ``obj``'s docstring in place before it is parsed."""
-        if obj.docstring is None and obj.is_attribute and obj.parent is not None and obj.parent.is_module:
-            if obj.lineno is not None and obj.filepath in obj.lines_collection:
-                text = comment_above(obj.lines_collection[obj.filepath], obj.lineno)
-                if text:
-                    obj.docstring = Docstring(text, lineno=obj.lineno - 1, parent=obj)
+        undocumented_constant = (obj.docstring is None and obj.is_attribute and obj.parent is not None
+                                 and obj.parent.is_module and obj.lineno is not None)
+        if undocumented_constant and obj.filepath in obj.lines_collection:
+            text = comment_above(obj.lines_collection[obj.filepath], obj.lineno)
+            if text:
+                obj.docstring = Docstring(text, lineno=obj.lineno - 1, parent=obj)
         if obj.docstring is not None:
             obj.docstring.value = split_grouped_entries(strip_roles(obj.docstring.value))
