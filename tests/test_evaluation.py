@@ -254,3 +254,10 @@ def test_the_evaluation_docs_python_example_runs():
     namespace: dict = {}
     exec(compile(block, "docs/evaluation.md", "exec"), namespace)  # noqa: S102 - the docs' own example
     assert namespace["scores"]["accuracy"] > 0.8 and namespace["scores"]["fd"] < 5
+
+
+@pytest.mark.parametrize("steps", [1, 2, 10, 11])
+def test_classifier_trains_for_any_step_count(steps):
+    """OneCycleLR divides by zero when its warm-up is exactly one step (steps=10 at the default 10%)."""
+    classifier, accuracy = ev.train_classifier(8, steps=steps, batch_size=8, num_train=32, num_test=8)
+    assert 0 <= accuracy <= 1 and not classifier.training

@@ -282,10 +282,10 @@ def train_classifier(image_size: int = 16, *, steps: int = 400, batch_size: int 
     """
     from .data import Shapes
 
-    for name, value in [("image_size", image_size), ("steps", steps), ("batch_size", batch_size),
-                        ("num_train", num_train), ("num_test", num_test)]:
-        if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    for name, value, minimum in [("image_size", image_size, 1), ("steps", steps, 1), ("batch_size", batch_size, 1),
+                                 ("num_train", num_train, 1), ("num_test", num_test, 1)]:
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= minimum):
+            raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
     device = torch.device(device or "cpu")
     train = Shapes(num_train, image_size, seed=1_000_003 + seed)
     test = Shapes(num_test, image_size, seed=2_000_003 + seed)
@@ -294,7 +294,9 @@ def train_classifier(image_size: int = 16, *, steps: int = 400, batch_size: int 
         torch.manual_seed(seed)
         model = ShapesClassifier(image_size, Shapes.num_classes).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    # OneCycleLR divides by zero when the warm-up is exactly one step (steps=10 at 10%)
+    warmup = 0.1 if 0.1 * steps != 1 else 0.2
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=warmup)
     from tqdm.auto import tqdm
 
     for _ in tqdm(range(steps), desc="classifier", disable=not progress, leave=False):
