@@ -103,7 +103,8 @@ def train_for(configs: Mapping[str, Config], minutes: float, *, device: torch.de
     """
     if not (isinstance(minutes, (int, float)) and minutes > 0):
         raise ValueError(f"minutes must be a number > 0, got {minutes!r}")
-    signature = {name: cfg.to_dict() for name, cfg in configs.items()}
+    # Where the runs live is not part of what they train: a moved or copied folder keeps its plan.
+    signature = {name: _without_out_dir(cfg.to_dict()) for name, cfg in configs.items()}
     plan = None
     if plan_file is not None and Path(plan_file).is_file():
         stored = json.loads(Path(plan_file).read_text())
@@ -127,6 +128,10 @@ def train_for(configs: Mapping[str, Config], minutes: float, *, device: torch.de
             raise KeyboardInterrupt(f"training {name!r} was interrupted at step {summaries[name].step}; "
                                     "run again to resume")
     return plan, summaries
+
+
+def _without_out_dir(raw: dict[str, Any]) -> dict[str, Any]:
+    return {**raw, "train": {k: v for k, v in raw["train"].items() if k != "out_dir"}}
 
 
 class Scorer:
