@@ -1,5 +1,5 @@
-"""The ``fpdm`` command: ``fpdm train``, ``fpdm extract-latents``, ``fpdm sample``, ``fpdm eval`` and
-``fpdm configs``."""
+"""The ``fpdm`` command: ``fpdm demo``, ``fpdm train``, ``fpdm extract-latents``, ``fpdm sample``, ``fpdm eval``
+and ``fpdm configs``."""
 
 from __future__ import annotations
 
@@ -83,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .eval_cli import add_parser as add_eval
 
     add_eval(sub)
+
+    from .demo import add_parser as add_demo
+
+    add_demo(sub)
 
     p = sub.add_parser("configs", help="list the configs shipped with the package")
     p.set_defaults(func=_configs)
