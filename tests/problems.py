@@ -67,3 +67,47 @@ def dense_implicit_grad(w: torch.Tensor, x: torch.Tensor, z_star: torch.Tensor,
         a, c = torch.autograd.grad(torch.tanh(zb @ w.T + x[b]), (w, x), u)
         gw, gx = gw + a, gx + c
     return gw, gx
+
+
+@dataclass
+class TwoLeaf:
+    """A contraction on a 2-leaf state ``(h, c)``, ``h: (B, 3)``, ``c: (B, 2, 2)``, and the same map written on
+    the concatenated ``(B, 7)`` tensor (``h`` first, then ``c`` flattened), the independent route to compare.
+
+    ``h' = tanh(h A^T + vec(c) C^T + x)``, ``c' = 0.5 tanh(h E^T + c)`` (reshaped). Weights and ``x`` require
+    grad."""
+
+    a: torch.Tensor
+    c: torch.Tensor
+    e: torch.Tensor
+    x: torch.Tensor
+
+    def f(self, state: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        h, c = state
+        batch = h.shape[0]
+        h_new = torch.tanh(h @ self.a.T + c.reshape(batch, 4) @ self.c.T + self.x)
+        c_new = 0.5 * torch.tanh(h @ self.e.T + c.reshape(batch, 4)).reshape(batch, 2, 2)
+        return h_new, c_new
+
+    def f_cat(self, z: torch.Tensor) -> torch.Tensor:
+        h_new, c_new = self.f((z[:, :3], z[:, 3:].reshape(-1, 2, 2)))
+        return torch.cat([h_new, c_new.reshape(-1, 4)], dim=1)
+
+    def zeros(self) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = self.x.shape[0]
+        return torch.zeros(batch, 3, dtype=self.x.dtype), torch.zeros(batch, 2, 2, dtype=self.x.dtype)
+
+    @property
+    def params(self) -> tuple[torch.Tensor, ...]:
+        return self.a, self.c, self.e, self.x
+
+
+def two_leaf(*, batch: int = 3, seed: int = 0, dtype: torch.dtype = torch.float64) -> TwoLeaf:
+    gen = torch.Generator().manual_seed(seed)
+
+    def weight(rows: int, cols: int) -> torch.Tensor:
+        w = torch.randn(rows, cols, generator=gen, dtype=torch.float64)
+        return (0.4 * w / torch.linalg.matrix_norm(w, ord=2)).to(dtype).requires_grad_()
+
+    x = torch.randn(batch, 3, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
+    return TwoLeaf(weight(3, 3), weight(3, 4), weight(4, 3), x)

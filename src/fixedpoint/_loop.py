@@ -24,6 +24,9 @@ class LoopResult:
     status: torch.Tensor  # (B,) int64
     num_steps: int
     trace: torch.Tensor | None
+    # One entry per asked step: the image computed at that step, shaped like z0 (with autograd history when
+    # recorded with grad), or None where the loop stopped earlier. None when nothing was asked.
+    kept: tuple[torch.Tensor | None, ...] | None = None
 
 
 def _norm(x: torch.Tensor, keepdim: bool = False) -> torch.Tensor:
@@ -116,6 +119,8 @@ def run_loop(
     check_every: int,
     trace: bool,
     on_nonfinite: Literal["report", "raise"],
+    keep: tuple[int, ...] | None = None,
+    keep_grad: bool = False,
 ) -> LoopResult:
     """Iterate ``solver`` on ``f`` from ``z0`` without autograd. ``max_steps >= 1``.
 
@@ -124,6 +129,10 @@ def run_loop(
     Without it, exactly ``max_steps`` applications run with no sync and the last iterate's image is returned;
     ``rtol``/``atol`` then only decide the reported ``converged``. ``f`` must return a tensor shaped and typed
     like ``z0`` (:func:`fixedpoint.solve` wraps the user's map to guarantee it).
+
+    At each step ``k`` (from 1) listed in ``keep`` the image ``f(z_{k-1})`` is kept, computed with autograd if
+    ``keep_grad`` (its input, an iterate of this no-grad loop, has no history), and the loop goes on with its
+    detached value: no extra application of ``f`` and no sync.
     """
     shape, dtype = z0.shape, z0.dtype
     batch = shape[0]
@@ -135,6 +144,17 @@ def run_loop(
         def apply(z_flat: torch.Tensor) -> torch.Tensor:
             return f(z_flat.view(shape)).reshape(batch, -1)
 
+    # loop index (step - 1) -> position in `keep`; an empty dict when nothing is kept, so that the per-step
+    # membership test is all the plain loop pays
+    slots = {} if keep is None else {step - 1: i for i, step in enumerate(keep)}
+    kept: list[torch.Tensor | None] = [None] * len(slots)
+
+    def apply_kept(z_flat: torch.Tensor, k: int) -> torch.Tensor:
+        with torch.set_grad_enabled(keep_grad):
+            fz_kept = apply(z_flat)
+            kept[slots[k]] = fz_kept.reshape(shape)  # a view made under no_grad would cut the graph
+        return fz_kept.detach()
+
     no_autocast = _no_autocast(z0.device)
     z = z0.reshape(batch, -1)
     with no_autocast:
@@ -143,19 +163,20 @@ def run_loop(
 
     if not early_stop:
         for k in range(max_steps - 1):
-            fz = apply(z)
+            fz = apply_kept(z, k) if k in slots else apply(z)
             with no_autocast:
                 if trace:
                     residuals.append(_residual(fz, z))
                 z = solver.step(state, z, fz, k)
-        fz = apply(z)
+        fz = apply_kept(z, max_steps - 1) if max_steps - 1 in slots else apply(z)
         with no_autocast:
             residual, converged, status = report(fz, z, rtol=rtol, atol=atol, on_nonfinite=on_nonfinite,
                                                  num_steps=max_steps)
         if trace:
             residuals.append(residual)
         return LoopResult(z=fz.view(shape), residual=residual, converged=converged, status=status,
-                          num_steps=max_steps, trace=torch.stack(residuals) if trace else None)
+                          num_steps=max_steps, trace=torch.stack(residuals) if trace else None,
+                          kept=None if keep is None else tuple(kept))
 
     # Per-sample quantities are kept as (B, 1) columns, so that they broadcast against (B, D) without a view.
     best_fz = torch.empty_like(z)
@@ -165,7 +186,7 @@ def run_loop(
     peak = torch.zeros((batch, 1), dtype=best_res.dtype, device=z.device)
     num_steps = 0
     for k in range(max_steps):
-        fz = apply(z)
+        fz = apply_kept(z, k) if k in slots else apply(z)
         num_steps += 1
         with no_autocast:
             res = _residual(fz, z, keepdim=True)
@@ -194,4 +215,5 @@ def run_loop(
         z=best_fz.view(shape), residual=best_res.view(batch), converged=converged,
         status=_status(converged, nonfinite), num_steps=num_steps,
         trace=torch.stack(residuals).view(-1, batch) if trace else None,
+        kept=None if keep is None else tuple(kept),
     )

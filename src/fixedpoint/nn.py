@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
 from torch import nn
 
-from ._solution import Solution
+from ._solution import Solution, State
 from ._solve import BackwardName, SolverName, _as_backward, check_state, forward_options, solve_with
 from .backward import Backward
 from .solvers import Solver
@@ -22,15 +23,20 @@ class DEQ(nn.Module):
     There is no hidden state: to warm-start (e.g. from the previous training step or video frame), pass the
     previous :class:`Solution` or its ``z`` as ``z0``.
 
+    The state may be a tuple or dict of tensors (e.g. an LSTM-like ``(h, c)``), under the rules of
+    :func:`fixedpoint.solve`; its initial value must then be passed as ``z0`` (there is no way to guess its
+    structure from ``x``), and a previous :class:`Solution` warm-starts it.
+
     Example::
 
         layer = DEQ(Cell(64), solver="anderson", backward="implicit")
         sol = layer(x)            # sol.z: (B, 64); sol.converged, sol.residual, sol.num_steps
         sol = layer(x, z0=sol)    # warm start
+        pair = DEQ(LSTMCell(64), keep=[2, 4])(x, z0=(h0, c0))  # pair.z == (h, c); pair.kept: 2 states
 
     Args:
-        f: a module called as ``f(z, x)`` and returning a tensor shaped like ``z``.
-        solver, max_steps, rtol, atol, check_every, trace, on_nonfinite: as in :func:`fixedpoint.solve`.
+        f: a module called as ``f(z, x)`` and returning a state structured like ``z``.
+        solver, max_steps, rtol, atol, check_every, trace, on_nonfinite, keep: as in :func:`fixedpoint.solve`.
         backward: as in :func:`fixedpoint.solve`, but defaulting to ``"implicit"`` (the exact gradient); pass
             ``None`` for a layer that is not differentiated.
 
@@ -50,25 +56,31 @@ class DEQ(nn.Module):
         check_every: int = 1,
         trace: bool = False,
         on_nonfinite: Literal["report", "raise"] = "report",
+        keep: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(f, nn.Module):
             raise TypeError(f"f must be an nn.Module called as f(z, x), got {type(f).__name__}")
         self.f = f
         self.options = forward_options(solver=solver, max_steps=max_steps, rtol=rtol, atol=atol,
-                                       check_every=check_every, trace=trace, on_nonfinite=on_nonfinite)
+                                       check_every=check_every, trace=trace, on_nonfinite=on_nonfinite,
+                                       keep=keep)
         self.backward_mode = _as_backward(backward)
 
-    def forward(self, x: torch.Tensor, z0: torch.Tensor | Solution | None = None) -> Solution:
+    def forward(self, x: torch.Tensor, z0: State | Solution | None = None) -> Solution:
         """Solve ``z = f(z, x)``.
 
         Args:
             x: the layer input (the injection), any shape ``f`` accepts.
-            z0: initial state; ``None`` starts from zeros shaped like ``x``. A :class:`Solution` or tensor warm
-                starts from it (detached: no gradient flows into the previous solve).
+            z0: initial state: a tensor, a tuple or dict of tensors, or a :class:`Solution` whose ``z`` warm
+                starts the solve (detached: no gradient flows into the previous solve). ``None`` starts from
+                zeros shaped like ``x``, a tensor state; a tuple/dict state needs an explicit ``z0``.
 
         Returns:
-            A :class:`Solution` whose ``z`` carries this layer's gradient.
+            A :class:`Solution` whose ``z`` (structured like ``z0``) carries this layer's gradient.
+
+        Raises:
+            TypeError, ValueError: ``z0`` is not a valid state, or ``f`` returns a state not structured like it.
         """
         if isinstance(z0, Solution):
             z0 = z0.z
@@ -77,12 +89,13 @@ class DEQ(nn.Module):
                 raise TypeError(f"x must be a floating-point tensor when z0 is None (the state starts at "
                                 f"zeros_like(x)), got {x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}; "
                                 f"pass z0 explicitly")
-            z0 = torch.zeros_like(x)
-        else:
-            z0 = check_state(z0, "z0").detach()
-        return solve_with(lambda z: self.f(z, x), z0, self.options, self.backward_mode)
+            return solve_with(lambda z: self.f(z, x), torch.zeros_like(x), self.options, self.backward_mode)
+        layout = check_state(z0, "z0")
+        if layout is None:
+            z0 = z0.detach()  # a tuple/dict state is flattened without autograd
+        return solve_with(lambda z: self.f(z, x), z0, self.options, self.backward_mode, layout)
 
     def extra_repr(self) -> str:
         o = self.options
         return (f"solver={o.solver}, backward={self.backward_mode}, max_steps={o.max_steps}, rtol={o.rtol}, "
-                f"atol={o.atol}")
+                f"atol={o.atol}" + ("" if o.keep is None else f", keep={list(o.keep)}"))

@@ -58,6 +58,8 @@ class StochasticJFB(Backward):
     ``m ~ U{min_with_grad..max_with_grad}``, runs exactly ``n`` solver steps under ``torch.no_grad`` (nothing
     saved for backward), then ``m`` applications of ``f`` with autograd, through which the gradient flows. When
     autograd is not recording it solves normally with the forward options (tolerances and ``max_steps``).
+    With ``keep``, the kept steps up to ``n`` are the images of those no-grad steps (each recorded with
+    autograd, see :attr:`fixedpoint.Solution.kept`); later ones are the final solution.
 
     The draws come from ``generator`` (a CPU ``torch.Generator``; the global CPU generator if ``None``), never
     from Python's ``random``: seed the same generator on every DDP rank and all ranks draw the same ``n, m``.
@@ -111,5 +113,7 @@ class StochasticJFB(Backward):
                                                  rtol=forward.rtol, atol=forward.atol,
                                                  on_nonfinite=forward.on_nonfinite, num_steps=1)
         trace = residual[None] if forward.trace else None
-        return Solution(z=_unroll(f, fz, m - 1), residual=residual, converged=converged, status=status,
-                        num_steps=m, trace=trace)
+        z = _unroll(f, fz, m - 1)
+        kept = None if forward.keep is None else (z,) * len(forward.keep)  # no solver step was reached
+        return Solution(z=z, residual=residual, converged=converged, status=status, num_steps=m, trace=trace,
+                        kept=kept)
