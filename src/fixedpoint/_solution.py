@@ -55,6 +55,10 @@ class Solution:
             application. When the solver loop stopped before step ``k_i`` (it converged, every sample went
             non-finite, or ``StochasticJFB`` drew fewer no-grad steps), entry ``i`` is ``z`` itself, the final
             solution with its backward mode's gradient, so the length is always ``len(keep)``.
+        jacobian_penalty: with ``num_jacobian_projections=n > 0``, ``(B,)`` float32 (float64 for float64 states):
+            an unbiased Hutchinson estimate of ``||J_f(z)||_F^2`` per sample at the returned ``z`` from ``n``
+            random projections, differentiable with respect to ``f``'s parameters and inputs (``z`` is held
+            constant); else ``None``. Divide by the state size for Bai et al.'s normalisation.
 
     Solutions compare by identity (comparing tensor fields elementwise has no single truth value).
     """
@@ -66,6 +70,7 @@ class Solution:
     num_steps: int
     trace: torch.Tensor | None = None
     kept: tuple[State, ...] | None = None
+    jacobian_penalty: torch.Tensor | None = None
 
     def statuses(self) -> list[Status]:
         """Per-sample :class:`Status` values as Python objects (reads the device: one sync)."""

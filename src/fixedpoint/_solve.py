@@ -73,7 +73,8 @@ def _check_keep(keep: object, max_steps: int) -> tuple[int, ...] | None:
 
 
 def forward_options(*, solver: Solver | str, max_steps: int, rtol: float, atol: float, check_every: int,
-                    trace: bool, on_nonfinite: str, keep: Sequence[int] | None = None) -> Forward:
+                    trace: bool, on_nonfinite: str, keep: Sequence[int] | None = None,
+                    num_jacobian_projections: int = 0) -> Forward:
     """Validate the forward options of ``solve``/``DEQ`` (the one place that does) and bundle them."""
     _check_steps(max_steps, "max_steps")
     _check_tol(rtol, "rtol")
@@ -83,9 +84,12 @@ def forward_options(*, solver: Solver | str, max_steps: int, rtol: float, atol: 
         raise TypeError(f"trace must be a bool, got {type(trace).__name__}")
     if on_nonfinite not in ("report", "raise"):
         raise ValueError(f"on_nonfinite must be one of ['raise', 'report'], got {on_nonfinite!r}")
+    if not (isinstance(num_jacobian_projections, int) and not isinstance(num_jacobian_projections, bool)
+            and num_jacobian_projections >= 0):
+        raise ValueError(f"num_jacobian_projections must be an int >= 0, got {num_jacobian_projections!r}")
     return Forward(solver=_as_solver(solver), max_steps=max_steps, rtol=float(rtol), atol=float(atol),
                    check_every=check_every, trace=trace, on_nonfinite=on_nonfinite,  # type: ignore[arg-type]
-                   keep=_check_keep(keep, max_steps))
+                   keep=_check_keep(keep, max_steps), num_jacobian_projections=num_jacobian_projections)
 
 
 def _checked(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -244,6 +248,7 @@ def solve(
     trace: bool = False,
     on_nonfinite: Literal["report", "raise"] = "report",
     keep: Sequence[int] | None = None,
+    num_jacobian_projections: int = 0,
 ) -> Solution:
     """Find ``z`` with ``f(z) = z`` for each sample of a batch, and make it differentiable.
 
@@ -291,6 +296,11 @@ def solve(
         keep: solver steps whose images to return in ``Solution.kept``: distinct ints in ``1..max_steps``, in any
             order (a list, tuple or range). ``None`` (the default) records nothing. The kept images carry
             gradients only with a backward mode and autograd recording. Adds no application of ``f`` and no sync.
+        num_jacobian_projections: when ``> 0``, also return ``Solution.jacobian_penalty``, the Hutchinson
+            estimate of ``||J_f(z)||_F^2`` per sample at the returned ``z`` with this many random projections (see
+            :func:`fixedpoint.jacobian_penalty`; one forward-mode product of ``f`` each, no sync). It is
+            differentiable with respect to ``f``'s parameters and inputs, so ``loss + gamma * penalty.mean()``
+            regularises the map towards contraction (Bai et al., 2021). ``0`` (the default) computes nothing.
 
     Returns:
         A :class:`Solution`, its ``z`` (and ``kept``) structured like ``z0``.
@@ -306,7 +316,8 @@ def solve(
         raise TypeError(f"f must be callable, got {type(f).__name__}")
     layout = check_state(z0)
     options = forward_options(solver=solver, max_steps=max_steps, rtol=rtol, atol=atol, check_every=check_every,
-                              trace=trace, on_nonfinite=on_nonfinite, keep=keep)
+                              trace=trace, on_nonfinite=on_nonfinite, keep=keep,
+                              num_jacobian_projections=num_jacobian_projections)
     return solve_with(f, z0, options, _as_backward(backward), layout)
 
 
@@ -324,4 +335,10 @@ def solve_with(f: Callable[[State], State], z0: State, options: Forward, backwar
         sol = to_solution(options.run(flat_f, flat_z0, keep_grad=False))
     else:
         sol = backward.solve(flat_f, flat_z0, options)
+    if options.num_jacobian_projections:
+        from .diagnostics import jacobian_penalty  # diagnostics builds on solve: imported here, not at the top
+
+        # At the returned point, as a constant: the penalty trains f's parameters (and inputs), not the solve.
+        penalty = jacobian_penalty(flat_f, sol.z.detach(), num_projections=options.num_jacobian_projections)
+        sol = dataclasses.replace(sol, jacobian_penalty=penalty)
     return sol if layout is None else layout.unflatten_solution(sol)

@@ -10,6 +10,7 @@ from torch import nn
 
 from ._solution import Solution, State
 from ._solve import BackwardName, SolverName, _as_backward, check_state, forward_options, solve_with
+from .dropout import pass_scope
 from .backward import Backward
 from .solvers import Solver
 
@@ -22,6 +23,11 @@ class DEQ(nn.Module):
     Its parameters are ``f``'s. The options are those of :func:`fixedpoint.solve` and are checked here, once.
     There is no hidden state: to warm-start (e.g. from the previous training step or video frame), pass the
     previous :class:`Solution` or its ``z`` as ``z0``.
+
+    Each call is one forward pass for the stabilisers inside ``f``: a :class:`VariationalDropout` draws one mask
+    and a :func:`spectral_norm` takes one power step, shared by every fixed-point iteration and the backward
+    mode's steps (the call enters :func:`pass_scope`; wrap the call in your own ``pass_scope(layer.f,
+    generator=g)`` to seed the masks).
 
     The state may be a tuple or dict of tensors (e.g. an LSTM-like ``(h, c)``), under the rules of
     :func:`fixedpoint.solve`; its initial value must then be passed as ``z0`` (there is no way to guess its
@@ -36,7 +42,8 @@ class DEQ(nn.Module):
 
     Args:
         f: a module called as ``f(z, x)`` and returning a state structured like ``z``.
-        solver, max_steps, rtol, atol, check_every, trace, on_nonfinite, keep: as in :func:`fixedpoint.solve`.
+        solver, max_steps, rtol, atol, check_every, trace, on_nonfinite, keep, num_jacobian_projections: as in
+            :func:`fixedpoint.solve`.
         backward: as in :func:`fixedpoint.solve`, but defaulting to ``"implicit"`` (the exact gradient); pass
             ``None`` for a layer that is not differentiated.
 
@@ -57,6 +64,7 @@ class DEQ(nn.Module):
         trace: bool = False,
         on_nonfinite: Literal["report", "raise"] = "report",
         keep: Sequence[int] | None = None,
+        num_jacobian_projections: int = 0,
     ) -> None:
         super().__init__()
         if not isinstance(f, nn.Module):
@@ -64,7 +72,7 @@ class DEQ(nn.Module):
         self.f = f
         self.options = forward_options(solver=solver, max_steps=max_steps, rtol=rtol, atol=atol,
                                        check_every=check_every, trace=trace, on_nonfinite=on_nonfinite,
-                                       keep=keep)
+                                       keep=keep, num_jacobian_projections=num_jacobian_projections)
         self.backward_mode = _as_backward(backward)
 
     def forward(self, x: torch.Tensor, z0: State | Solution | None = None) -> Solution:
@@ -89,11 +97,15 @@ class DEQ(nn.Module):
                 raise TypeError(f"x must be a floating-point tensor when z0 is None (the state starts at "
                                 f"zeros_like(x)), got {x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}; "
                                 f"pass z0 explicitly")
-            return solve_with(lambda z: self.f(z, x), torch.zeros_like(x), self.options, self.backward_mode)
-        layout = check_state(z0, "z0")
-        if layout is None:
-            z0 = z0.detach()  # a tuple/dict state is flattened without autograd
-        return solve_with(lambda z: self.f(z, x), z0, self.options, self.backward_mode, layout)
+            z0, layout = torch.zeros_like(x), None
+        else:
+            layout = check_state(z0, "z0")
+            if layout is None:
+                z0 = z0.detach()  # a tuple/dict state is flattened without autograd
+        # One forward pass: variational-dropout masks and spectral-norm power steps inside f are drawn once and
+        # shared by every iteration (an enclosing pass_scope, e.g. one with a seeded generator, takes precedence).
+        with pass_scope(self.f):
+            return solve_with(lambda z: self.f(z, x), z0, self.options, self.backward_mode, layout)
 
     def extra_repr(self) -> str:
         o = self.options

@@ -29,6 +29,7 @@ class Forward:
     trace: bool
     on_nonfinite: Literal["report", "raise"]
     keep: tuple[int, ...] | None = None  # solver steps (from 1) whose images are returned, see Solution.kept
+    num_jacobian_projections: int = 0  # > 0: Solution.jacobian_penalty is estimated with this many projections
 
     @property
     def early_stop(self) -> bool:
