@@ -2,7 +2,7 @@
 asset local, and its Python examples and command lines are real.
 
 The Python examples of sampling.md and evaluation.md run in test_sampling.py and test_evaluation.py, and the
-README's in test_readme.py; this file runs those of index.md and concepts.md.
+README's in test_readme.py; this file runs those of index.md, concepts.md and toolbox.md.
 """
 
 from __future__ import annotations
@@ -157,6 +157,104 @@ def test_concepts_python_example_runs(capsys):
         series, term = series + term, term @ A.T
     assert torch.allclose(sol.z, series, rtol=0, atol=1e-9)
     assert "CONVERGED" in capsys.readouterr().out
+
+
+def _run_toolbox_blocks() -> list[tuple[dict, str]]:
+    """Each Python block of toolbox.md in a fresh namespace (each is self-contained), with what it printed."""
+    import contextlib
+    import io
+
+    runs = []
+    for i, block in enumerate(_python_blocks("toolbox.md")):
+        namespace: dict = {}
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            exec(compile(block, f"docs/toolbox.md (block {i})", "exec"), namespace)  # noqa: S102 - the docs' own
+        runs.append((namespace, out.getvalue()))
+    return runs
+
+
+def test_toolbox_python_examples_run_and_agree_with_independent_computations():
+    import fixedpoint as fp
+
+    runs = _run_toolbox_blocks()
+    assert len(runs) == 9
+    (states, _), (keep, _), (penalty, _), (radius, radius_out), (norms, _), (dropout, dropout_out), \
+        (krylov, _), (warm, warm_out), (check, check_out) = runs
+
+    # structured state: the dict solution is a fixed point of the cell, and every parameter got a gradient
+    sol, cell, x = states["sol"], states["cell"], states["x"]
+    assert sol.converged.all() and list(sol.z) == ["h", "c"]
+    with torch.no_grad():
+        image = cell(sol.z, x)
+    for key in ("h", "c"):
+        torch.testing.assert_close(image[key], sol.z[key], rtol=1e-5, atol=1e-5)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in cell.parameters())
+    assert states["again"].num_steps < sol.num_steps
+
+    # keep: plain iteration from zeros, so kept step k is f applied k times; a step not reached is sol.z
+    sol, layer, x = keep["sol"], keep["layer"], keep["x"]
+    assert len(sol.kept) == 4 and sol.kept[3] is sol.z and sol.num_steps - 1 < 24
+    with torch.no_grad():
+        z, powers = torch.zeros_like(x), {}
+        for k in range(1, 13):
+            z = layer.f(z, x)
+            powers[k] = z
+    for k, kept in zip((3, 6, 12), sol.kept):
+        torch.testing.assert_close(kept.detach(), powers[k], rtol=0, atol=0)
+    assert layer.f.lin.weight.grad.abs().sum() > 0
+
+    # Jacobian penalty: the estimator against dense Jacobians, within 5 standard errors of Hutchinson's variance
+    jac = penalty["jacobians"].detach()
+    gram = jac.transpose(1, 2) @ jac
+    variance = 2 * (gram.square().sum((1, 2)) - torch.diagonal(gram, dim1=1, dim2=2).square().sum(1))
+    stderr = (variance.sum() / 20).sqrt() / 8
+    assert abs(penalty["estimate"].mean().item() - penalty["exact"].mean().item()) < 5 * stderr
+    assert penalty["sol"].jacobian_penalty.shape == (8,)
+    assert penalty["layer"].f.lin.weight.grad is not None
+
+    # spectral radius: against the eigenvalues of the closed-form Jacobian diag(1 - z*^2) W
+    z_star, w = radius["sol"].z, radius["W"]
+    eigenvalues = torch.linalg.eigvals((1 - z_star.square())[:, :, None] * w).abs().amax(-1)
+    torch.testing.assert_close(radius["rho"], eigenvalues, rtol=1e-4, atol=0)
+    assert radius["rho"][0] > 1 and radius["plain"].converged.tolist() == [False, True, True, True]
+    assert "[1.116, 0.578, 0.899, 0.876]" in radius_out
+
+    # norms: the spectral norm of the effective weight approaches the bound from above; the EMA copy is separate
+    cell = norms["cell"]
+    sigma = torch.linalg.matrix_norm(cell.lin.weight, ord=2).item()
+    assert 0.9 <= sigma <= 0.9 * (1 + 1e-3)
+    assert not any(hasattr(m, "parametrizations") for m in cell.modules())  # remove_norm baked them
+    pairs = list(zip(norms["ema"].parameters(), norms["layer"].parameters()))
+    assert all(e is not p and not torch.equal(e, p) for e, p in pairs)
+
+    # dropout: one seeded mask per call, shared over tokens, and a refused call outside any scope
+    mask = dropout["mask"]
+    assert mask.shape == (4, 1, 16) and set(mask.unique().tolist()) <= {0.0, 1 / 0.8}
+    assert torch.equal(dropout["a"], dropout["b"]) and "refused: VariationalDropout" in dropout_out
+
+    # GMRES: the gradient of sum(z*) with respect to W against dense per-sample adjoints, where rho(J) > 1
+    w, x = krylov["W"], krylov["x"]
+    with torch.no_grad():
+        z_star = fp.solve(lambda z: torch.tanh(z @ w.T + x), torch.zeros_like(x), rtol=1e-12, atol=0,
+                          max_steps=300).z
+    expected = torch.zeros_like(w)
+    for b in range(x.shape[0]):
+        jac = (1 - z_star[b].square())[:, None] * w.detach()
+        u = torch.linalg.solve((torch.eye(16, dtype=w.dtype) - jac).T, torch.ones(16, dtype=w.dtype))
+        expected += torch.outer(u * (1 - z_star[b].square()), z_star[b])  # u^T d tanh(W z + x) / dW
+    torch.testing.assert_close(krylov["exact"], expected, rtol=1e-7, atol=1e-9)
+    assert not krylov["plain"].converged[0] and krylov["krylov"].converged.all()
+
+    # warm start: fewer adjoint products than a cold start, for both solvers; Neumann(4) is JFB(5)
+    counts = [tuple(map(int, line.split()[-2:])) for line in warm_out.splitlines()[:2]]
+    assert all(warm_steps < cold_steps for warm_steps, cold_steps in counts), counts
+    torch.testing.assert_close(warm["neumann"], warm["jfb5"], rtol=1e-10, atol=1e-12)
+
+    # check_gradients: implicit close to exact, JFB(1) far from it, JFB(5) in between
+    errors = [float(e) for e in re.findall(r"relative error ([-+.e0-9]+)", check_out)]
+    assert len(errors) == 3 and errors[0] < 1e-5 and errors[1] > 0.1 and errors[2] < 0.02, errors
+    assert abs(check["check"].relative_error - errors[2]) < 1e-3 and check["check"].reference_converged
 
 
 def _cli_lines(text: str) -> list[str]:
