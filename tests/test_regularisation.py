@@ -20,6 +20,9 @@ def test_penalty_option_equals_the_estimator_at_the_returned_point():
     assert sol.jacobian_penalty.shape == (3,) and sol.jacobian_penalty.dtype == torch.float64
     torch.testing.assert_close(sol.jacobian_penalty, direct, rtol=0, atol=0)
     assert fp.solve(problem.f, torch.zeros(3, 6, dtype=torch.float64)).jacobian_penalty is None
+    with torch.no_grad():  # a training-time quantity: evaluation pays nothing for it
+        assert fp.solve(problem.f, torch.zeros(3, 6, dtype=torch.float64), num_jacobian_projections=4
+                        ).jacobian_penalty is None
 
 
 def test_penalty_mean_is_the_frobenius_norm_of_an_affine_maps_jacobian_and_trains_the_weight():

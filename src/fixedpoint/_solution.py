@@ -58,7 +58,8 @@ class Solution:
         jacobian_penalty: with ``num_jacobian_projections=n > 0``, ``(B,)`` float32 (float64 for float64 states):
             an unbiased Hutchinson estimate of ``||J_f(z)||_F^2`` per sample at the returned ``z`` from ``n``
             random projections, differentiable with respect to ``f``'s parameters and inputs (``z`` is held
-            constant); else ``None``. Divide by the state size for Bai et al.'s normalisation.
+            constant); else (or when autograd was not recording) ``None``. Divide by the state size for Bai et
+            al.'s normalisation.
 
     Solutions compare by identity (comparing tensor fields elementwise has no single truth value).
     """

@@ -300,7 +300,9 @@ def solve(
             estimate of ``||J_f(z)||_F^2`` per sample at the returned ``z`` with this many random projections (see
             :func:`fixedpoint.jacobian_penalty`; one forward-mode product of ``f`` each, no sync). It is
             differentiable with respect to ``f``'s parameters and inputs, so ``loss + gamma * penalty.mean()``
-            regularises the map towards contraction (Bai et al., 2021). ``0`` (the default) computes nothing.
+            regularises the map towards contraction (Bai et al., 2021). Like a stochastic-JFB draw it is a
+            training-time quantity: under ``torch.no_grad``/``inference_mode`` it is not computed (``None``;
+            call :func:`fixedpoint.jacobian_penalty` for a diagnostic). ``0`` (the default) computes nothing.
 
     Returns:
         A :class:`Solution`, its ``z`` (and ``kept``) structured like ``z0``.
@@ -335,7 +337,7 @@ def solve_with(f: Callable[[State], State], z0: State, options: Forward, backwar
         sol = to_solution(options.run(flat_f, flat_z0, keep_grad=False))
     else:
         sol = backward.solve(flat_f, flat_z0, options)
-    if options.num_jacobian_projections:
+    if options.num_jacobian_projections and torch.is_grad_enabled():
         from .diagnostics import jacobian_penalty  # diagnostics builds on solve: imported here, not at the top
 
         # At the returned point, as a constant: the penalty trains f's parameters (and inputs), not the solve.
