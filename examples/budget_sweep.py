@@ -84,7 +84,6 @@ def trained_model(args: argparse.Namespace, device: torch.device) -> tuple[fd.FP
         ``(model in eval mode, its diffusion schedule, a training record or None)``.
 
     Raises:
-        TypeError: ``--model`` holds a DiT, which has no fixed-point iterations to allocate.
         KeyboardInterrupt: training was stopped by Ctrl-C/SIGTERM (after writing a checkpoint; rerun to resume).
     """
     training = None
@@ -107,9 +106,6 @@ def trained_model(args: argparse.Namespace, device: torch.device) -> tuple[fd.FP
                     "final_loss": (summary.last_metrics or {}).get("loss")}
         folder = run_dir / "ema"
     model, diffusion = load_model(folder, device=device)
-    if not isinstance(model, fd.FPDM):
-        raise TypeError(f"--model must be an FPDM folder (allocations need fixed-point iterations), got a "
-                         f"{type(model).__name__} in {str(folder)!r}")
     return model, diffusion, training
 
 
@@ -345,8 +341,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--tol must be > 0, got {args.tol}")
     if not args.ratio >= 1:
         p.error(f"--ratio must be >= 1, got {args.ratio}")
-    if args.model is not None and not (Path(args.model) / "config.json").is_file():
-        p.error(f"--model {args.model!r}: no config.json there (give a run's ema/ folder)")
+    if args.model is not None:
+        config_file = Path(args.model) / "config.json"
+        if not config_file.is_file():
+            p.error(f"--model {args.model!r}: no config.json there (give a run's ema/ folder)")
+        kind = json.loads(config_file.read_text()).get("_class_name")
+        if kind != "FPDM":
+            p.error(f"--model {args.model!r} holds a {kind}, not an FPDM (allocations need fixed-point iterations)")
     args.argv = list(sys.argv[1:] if argv is None else argv)
     return args
 

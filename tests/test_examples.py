@@ -87,12 +87,16 @@ def test_budget_sweep_tiny_end_to_end(tmp_path, capsys):
 
 def test_budget_sweep_rejects_bad_arguments_before_any_work(tmp_path, capsys):
     sweep = _load("budget_sweep")
+    dit = tmp_path / "dit"
+    dit.mkdir()
+    (dit / "config.json").write_text(json.dumps({"_class_name": "DiT"}))
     for argv, message in [(["--budgets", "0"], "--budgets must be >= 1"),
                           (["--iters", "2", "-1"], "--iters must be >= 1"),
                           (["--allocations", "linear"], "invalid choice"),
                           (["--score", "--num-samples", "1"], "KID needs two"),
                           (["--tol", "0"], "--tol must be > 0"),
-                          (["--model", str(tmp_path)], "no config.json")]:
+                          (["--model", str(tmp_path)], "no config.json"),
+                          (["--model", str(dit)], "holds a DiT, not an FPDM")]:
         with pytest.raises(SystemExit):
             sweep.main(argv + ["--work", str(tmp_path / "never"), "--out", str(tmp_path / "never.json")])
         assert message in capsys.readouterr().err
