@@ -81,6 +81,18 @@ def test_budget_from_number_of_timesteps(explicit, budget, steps, allocation, ra
     _check_shape(s)
 
 
+@settings(max_examples=200, deadline=None)
+@given(explicit=explicit_st, budget=st.integers(1, 3000), steps=st.integers(1, 200), ratio=st.floats(1.0, 10.0))
+@example(explicit=2, budget=48, steps=12, ratio=3.0)  # rounding noise once made "decreasing" all 2s here
+def test_decreasing_is_the_mirror_of_increasing(explicit, budget, steps, ratio):
+    try:
+        up, down = (fd.plan(explicit_passes=explicit, budget=budget, num_steps=steps, allocation=a, ratio=ratio)
+                    for a in ("increasing", "decreasing"))
+    except ValueError:
+        return
+    assert down.iterations == up.iterations[::-1]
+
+
 def _check_shape(s):
     it = np.array(s.iterations)
     if s.allocation == "increasing":

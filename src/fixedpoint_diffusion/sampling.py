@@ -110,7 +110,10 @@ def _distribute(total: int, weights: Sequence[float], prefer_late: bool = True) 
     quota = extra * w / w.sum()
     counts = np.floor(quota).astype(np.int64)
     left = extra - int(counts.sum())
-    order = sorted(range(n), key=lambda i: (-(quota[i] - counts[i]), -w[i], -i if prefer_late else i))
+    # Remainders are compared to 1e-9: a reversed ramp's quotas differ in the last bits, which would otherwise
+    # decide ties and make "decreasing" other than the mirror of "increasing".
+    remainder = np.round(quota - counts, 9)
+    order = sorted(range(n), key=lambda i: (-remainder[i], -w[i], -i if prefer_late else i))
     for i in order[:left]:
         counts[i] += 1
     return [1 + int(c) for c in counts]
