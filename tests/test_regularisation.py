@@ -117,3 +117,43 @@ def test_a_deq_call_is_one_forward_pass_for_dropout_and_spectral_norm():
         with fp.pass_scope(layer.f, generator=torch.Generator().manual_seed(7)):
             outs.append(layer(x).z.detach())
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+
+
+def test_a_deq_without_stabilisers_still_compiles_fullgraph():
+    """The pass scope is entered only when f holds a stabiliser: Dynamo cannot trace its ContextVar."""
+    torch.manual_seed(0)
+    layer = fp.DEQ(nn.Linear(6, 6), solver="iteration", backward="jfb", rtol=0, atol=0, max_steps=5)
+    layer.f.weight.data.mul_(0.3)
+
+    class Cell(nn.Module):
+        def __init__(self, lin):
+            super().__init__()
+            self.lin = lin
+
+        def forward(self, z, x):
+            return torch.tanh(self.lin(z) + x)
+
+    layer.f = Cell(layer.f)
+    x = torch.randn(3, 6)
+    compiled = torch.compile(lambda x: layer(x).z, fullgraph=True, backend="eager")  # a graph break raises
+    torch.testing.assert_close(compiled(x), layer(x).z)
+
+
+def test_fpdm_forward_is_one_pass_for_a_spectral_norm_in_its_fixed_point_block(monkeypatch):
+    import fixedpoint_diffusion as fd
+    from fixedpoint.norm import _SpectralNorm
+
+    torch.manual_seed(0)
+    model = fd.create_model("FPDM-S/2", input_size=8, in_channels=3, num_classes=8, hidden_size=32, num_heads=2,
+                            max_steps=6)
+    fp.spectral_norm(model.block_fixed_point_projection_fc2, bound=1.0)
+    calls = []
+    real = _SpectralNorm._power
+    monkeypatch.setattr(_SpectralNorm, "_power", lambda self, *a: (calls.append(1), real(self, *a))[1])
+    x, t, y = torch.randn(2, 3, 8, 8), torch.tensor([10, 500]), torch.tensor([1, 2])
+    model.train()
+    out = model(x, t, y, num_steps=6)  # six applications of the fixed-point map
+    assert out.solution.num_steps == 6 and len(calls) == 1
+    calls.clear()
+    model(x, t, y).out.square().mean().backward()  # training call: stochastic JFB, several with-grad steps
+    assert len(calls) == 1

@@ -11,6 +11,7 @@ manual ``reset_dropout`` every step; forgetting it silently reuses the old mask)
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -127,6 +128,17 @@ def pass_scope(modules: nn.Module | Iterable[nn.Module], *,
     finally:
         _SCOPES.reset(token)
         scope._state.clear()
+
+
+def one_pass(module: nn.Module) -> contextlib.AbstractContextManager:
+    """``pass_scope(module)`` when ``module`` holds a stabiliser (a :class:`VariationalDropout` or a spectral
+    norm), else a no-op context (internal; used by ``DEQ`` and FPDM around their solves).
+
+    Skipping the scope for a map without stabilisers keeps such a map compilable with ``fullgraph=True``:
+    Dynamo cannot trace the ``ContextVar`` a scope sets."""
+    if any(isinstance(m, PassLocal) for m in module.modules()):
+        return pass_scope(module)
+    return contextlib.nullcontext()
 
 
 def _as_list(modules: object) -> list[object]:

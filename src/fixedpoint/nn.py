@@ -10,7 +10,7 @@ from torch import nn
 
 from ._solution import Solution, State
 from ._solve import BackwardName, SolverName, _as_backward, check_state, forward_options, solve_with
-from .dropout import pass_scope
+from .dropout import one_pass
 from .backward import Backward
 from .solvers import Solver
 
@@ -104,7 +104,7 @@ class DEQ(nn.Module):
                 z0 = z0.detach()  # a tuple/dict state is flattened without autograd
         # One forward pass: variational-dropout masks and spectral-norm power steps inside f are drawn once and
         # shared by every iteration (an enclosing pass_scope, e.g. one with a seeded generator, takes precedence).
-        with pass_scope(self.f):
+        with one_pass(self.f):
             return solve_with(lambda z: self.f(z, x), z0, self.options, self.backward_mode, layout)
 
     def extra_repr(self) -> str:

@@ -313,18 +313,22 @@ class FPDM(_Transformer):
         elif z0.shape != h.shape:
             raise ValueError(f"z0 must have shape {tuple(h.shape)} (B, tokens, hidden), got {tuple(z0.shape)}")
         solver = self.solver if solver is None else solver
-        if num_steps is not None:
-            if not (isinstance(num_steps, int) and not isinstance(num_steps, bool) and num_steps >= 1):
-                raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
-            sol = fp.solve(f, z0.detach(), solver=solver, max_steps=num_steps, rtol=0.0, atol=0.0, trace=trace)
-        else:
-            mode = self.backward_mode if backward is None else backward
-            if isinstance(mode, fp.StochasticJFB) and self.generator is not None and mode.generator is None:
-                mode = dataclasses.replace(mode, generator=self.generator)
-            sol = fp.solve(f, z0.detach(), solver=solver, backward=mode if torch.is_grad_enabled() else None,
-                           max_steps=cfg.max_steps if max_steps is None else max_steps,
-                           rtol=cfg.rtol if rtol is None else rtol,
-                           atol=cfg.atol if atol is None else atol, trace=trace)
+        if num_steps is not None and not (isinstance(num_steps, int) and not isinstance(num_steps, bool)
+                                          and num_steps >= 1):
+            raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
+        mode = self.backward_mode if backward is None else backward
+        if isinstance(mode, fp.StochasticJFB) and self.generator is not None and mode.generator is None:
+            mode = dataclasses.replace(mode, generator=self.generator)
+        # One forward pass: a spectral norm or variational dropout a user puts in the fixed-point block draws its
+        # power step / mask once, and every iteration sees the same map (as in fixedpoint.DEQ).
+        with fp.pass_scope(self):
+            if num_steps is not None:
+                sol = fp.solve(f, z0.detach(), solver=solver, max_steps=num_steps, rtol=0.0, atol=0.0, trace=trace)
+            else:
+                sol = fp.solve(f, z0.detach(), solver=solver, backward=mode if torch.is_grad_enabled() else None,
+                               max_steps=cfg.max_steps if max_steps is None else max_steps,
+                               rtol=cfg.rtol if rtol is None else rtol,
+                               atol=cfg.atol if atol is None else atol, trace=trace)
         h = sol.z
         for block in self.blocks_post:
             h = self._run_block(block, h, c_explicit)  # (B, T, D)
