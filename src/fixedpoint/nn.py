@@ -10,8 +10,8 @@ from torch import nn
 
 from ._solution import Solution, State
 from ._solve import BackwardName, SolverName, _as_backward, check_state, forward_options, solve_with
-from .dropout import one_pass
 from .backward import Backward
+from .dropout import one_pass
 from .solvers import Solver
 
 __all__ = ["DEQ"]
