@@ -1,5 +1,6 @@
 """Diagnostics against dense float64 Jacobians, closed-form variances and independently computed gradients."""
 
+import copy
 import math
 
 import pytest
@@ -415,3 +416,134 @@ def test_check_gradients_rejects_bad_arguments():
     for call, error, message in cases:
         with pytest.raises(error, match=message):
             call()
+
+
+# --- check_gradients: one pass, no side effects --------------------------------------------------------------
+
+class DropCell(torch.nn.Module):
+    """``tanh(W (m * z) + b + x)``: a shared-mask dropout on the state, then a Linear."""
+
+    def __init__(self, dim, scale, p=0.3):
+        super().__init__()
+        self.drop = fp.VariationalDropout(p)
+        self.lin = torch.nn.Linear(dim, dim)
+        with torch.no_grad():
+            self.lin.weight.mul_(scale / torch.linalg.matrix_norm(self.lin.weight, ord=2))
+
+    def forward(self, z, x):
+        return torch.tanh(self.lin(self.drop(z)) + x)
+
+
+def spectral_layer(backward):
+    torch.manual_seed(0)
+    cell = Cell(6, 1.0)
+    # close top singular values: the power iteration converges slowly, so every step moves sigma visibly
+    u, _, vh = torch.linalg.svd(torch.randn(6, 6, generator=gen(6)))
+    with torch.no_grad():
+        cell.lin.weight.copy_(u @ torch.diag(torch.tensor([2.0, 1.97, 1.94, 1.0, 0.5, 0.2])) @ vh)
+    fp.spectral_norm(cell.lin, bound=0.9, generator=gen(5))
+    return fp.DEQ(cell, backward=backward, rtol=1e-6, atol=0.0, max_steps=200), torch.randn(3, 6)
+
+
+def test_training_mode_spectral_norm_takes_one_step_and_the_buffers_are_restored():
+    layer, x = spectral_layer(fp.Implicit(rtol=1e-7, atol=0.0, max_steps=300))
+    norm = layer.f.lin.parametrizations.weight[0]
+    before = (norm._u.clone(), norm._v.clone())
+    check = fp.check_gradients(layer, x=x, generator=gen(2))
+    # one power step for the whole check: the map holds still, both solves converge, Implicit is exact
+    assert check.converged and check.reference_converged
+    assert check.cosine > 1 - 1e-8 and check.relative_error < 1e-4
+    assert torch.equal(norm._u, before[0]) and torch.equal(norm._v, before[1])  # the layer is untouched
+    # independent route: a copy that took that one step in a pass of its own, then checked in eval mode
+    stepped = copy.deepcopy(layer)
+    with fp.pass_scope(stepped.f):
+        stepped.f(torch.zeros_like(x), x)
+    stepped.eval()
+    assert not torch.equal(stepped.f.lin.parametrizations.weight[0]._u, before[0])  # a step was taken
+    for mode in (fp.JFB(), fp.JFB(steps=3)):
+        train = fp.check_gradients(layer, x=x, backward=mode, generator=gen(2))
+        evaluated = fp.check_gradients(stepped, x=x, backward=mode, generator=gen(2))
+        assert train.cosine == pytest.approx(evaluated.cosine, abs=1e-6)
+        assert train.relative_error == pytest.approx(evaluated.relative_error, rel=1e-5)
+    assert torch.equal(norm._u, before[0]) and torch.equal(norm._v, before[1])
+
+
+def test_a_module_map_gets_one_pass_for_both_solves():
+    layer, x = spectral_layer(None)
+    cell = layer.f
+    norm = cell.lin.parametrizations.weight[0]
+    before = norm._u.clone()
+
+    class Map(torch.nn.Module):  # f(z) as a module: the check can scope it
+        def __init__(self):
+            super().__init__()
+            self.cell = cell
+
+        def forward(self, z):
+            return self.cell(z, x)
+
+    check = fp.check_gradients(Map(), torch.zeros_like(x), params=[cell.lin.parametrizations.weight.original],
+                               backward=fp.Implicit(rtol=1e-7, atol=0.0, max_steps=300), rtol=1e-6, atol=0.0,
+                               max_steps=200, generator=gen(2))
+    assert check.converged and check.reference_converged and check.relative_error < 1e-4
+    assert torch.equal(norm._u, before)
+
+
+def test_training_mode_dropout_gets_one_mask_shared_by_the_tested_and_the_reference_solve():
+    torch.manual_seed(0)
+    cell = DropCell(5, 0.6)
+    x = torch.randn(3, 5).requires_grad_()
+    layer = fp.DEQ(cell, backward=fp.Implicit(rtol=1e-7, atol=0.0, max_steps=300), rtol=1e-6, atol=0.0)
+    check = fp.check_gradients(layer, x=x, params=[cell.lin.weight, x], generator=gen(1))
+    # a different mask in the reference would leave an O(1) error
+    assert check.converged and check.reference_converged and check.relative_error < 1e-4
+    again = fp.check_gradients(layer, x=x, params=[cell.lin.weight, x], generator=gen(1))
+    assert again.cosine == check.cosine and again.relative_error == check.relative_error  # seeded masks
+    # inside the caller's scope, that scope's mask is used: compare with the same map written out in float64
+    with fp.pass_scope(cell, generator=gen(8)) as scope:
+        layer(x)
+        mask = scope.mask(cell.drop)
+        jfb = fp.check_gradients(layer, x=x, params=[cell.lin.weight, x], backward=fp.JFB(), generator=gen(4))
+    assert mask is not None and (mask == 0).any()
+    w64, b64 = cell.lin.weight.detach().double().requires_grad_(), cell.lin.bias.detach().double()
+    x64, m64 = x.detach().double().requires_grad_(), mask.double()
+    as_map = fp.check_gradients(lambda z: torch.tanh((z * m64) @ w64.T + b64 + x64), torch.zeros_like(x64),
+                                params=[w64, x64], backward=fp.JFB(), generator=gen(4), **TIGHT)
+    assert jfb.cosine == pytest.approx(as_map.cosine, abs=1e-5)
+    assert jfb.relative_error == pytest.approx(as_map.relative_error, rel=1e-4)
+
+
+def test_a_callers_adjoint_state_is_neither_read_nor_written():
+    w, x = tanh_layer(batch=2, dim=4, scale=0.8)
+    state = fp.AdjointState()
+    mode = fp.Implicit(rtol=1e-12, atol=0.0, state=state)
+    check = fp.check_gradients(tanh_map(w, x), torch.zeros_like(x), params=[w, x], backward=mode, **TIGHT)
+    assert check.relative_error < 1e-9 and check.backward is mode
+    assert state.num_solves == 0 and state.u is None
+    # a recorded (wrong) warm start is not used either: the check's result is the cold one
+    sol = fp.solve(tanh_map(w, x), torch.zeros_like(x), backward=mode, **TIGHT)
+    (sol.z * 1e6).sum().backward()
+    recorded = state.u.clone()
+    warm = fp.check_gradients(tanh_map(w, x), torch.zeros_like(x), params=[w, x], backward=mode,
+                              generator=gen(0), **TIGHT)
+    cold = fp.check_gradients(tanh_map(w, x), torch.zeros_like(x), params=[w, x],
+                              backward=fp.Implicit(rtol=1e-12, atol=0.0), generator=gen(0), **TIGHT)
+    assert warm.relative_error == cold.relative_error
+    assert state.num_solves == 1 and torch.equal(state.u, recorded)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_maps_get_a_float64_dense_reference(dtype):
+    w, x = tanh_layer(batch=3, dim=5, scale=0.6, dtype=dtype)
+    check = fp.check_gradients(tanh_map(w, x), torch.zeros_like(x), params=[w, x], backward="implicit",
+                               generator=gen(0))
+    assert check.cosine > 0.999 and check.relative_error < 0.05  # bf16 keeps 8 bits: 2-3 digits
+    # the exact gradient of the float64 problem, up to that precision
+    w64, x64 = w.detach().double().requires_grad_(), x.detach().double().requires_grad_()
+    probe = torch.randn(x.shape, generator=gen(0), dtype=dtype).double()
+    with torch.no_grad():
+        z_star = fp.solve(tanh_map(w64, x64), torch.zeros_like(x64), **TIGHT).z
+    exact = dense_implicit_grad(w64, x64, z_star, probe)
+    jfb = fp.check_gradients(tanh_map(w, x), torch.zeros_like(x), params=[w, x], backward="jfb", generator=gen(0))
+    _, jfb64 = exact_and_jfb_gradients(w64, x64, probe)
+    assert jfb.cosine == pytest.approx(cosine(jfb64, exact)[0], abs=0.02)

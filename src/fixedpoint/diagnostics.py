@@ -43,7 +43,9 @@ compares a backward mode's gradient of the random probe ``L = <g, z*>`` against 
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import importlib
 import math
 import sys
@@ -57,6 +59,7 @@ import torch
 from ._solution import Solution
 from ._solve import BACKWARDS, SOLVERS, SolverName, solve
 from .backward import Backward, Implicit
+from .dropout import PassLocal, PassScope, VariationalDropout, active_scope, pass_scope
 from .nn import DEQ
 from .solvers import Solver
 
@@ -397,22 +400,84 @@ def _grads(out: torch.Tensor, params: list[torch.Tensor], grad_out: torch.Tensor
 
 def _dense_reference(f: Map, z_star: torch.Tensor, g: torch.Tensor, params: list[torch.Tensor]
                      ) -> list[torch.Tensor | None]:
-    """``u^T df/dtheta`` with ``u = (I - J)^{-T} g`` from per-sample dense Jacobians (one VJP per row)."""
+    """``u^T df/dtheta`` with ``u = (I - J)^{-T} g`` from per-sample dense Jacobians (one VJP per row).
+
+    The Jacobian rows come from ``f`` in its own dtype; the dense algebra runs in float64 (there is no LU for
+    bf16/fp16, and float32 would cost digits on a nearly singular ``I - J``), and ``u`` is cast back to ``f``'s
+    dtype for the final vector-Jacobian product.
+    """
     batch, n = z_star.shape[0], z_star[0].numel()
     z_in = z_star.detach().requires_grad_()
     with torch.enable_grad():
         fz = f(z_in)
-    jac = torch.zeros(batch, n, n, dtype=fz.dtype, device=fz.device)  # jac[b, i, :] = d f_i / d z (sample b)
+    jac = torch.zeros(batch, n, n, dtype=torch.float64, device=fz.device)  # jac[b, i, :] = d f_i / d z (sample b)
     if fz.requires_grad:
         for i in range(n):
             e = torch.zeros(batch, n, dtype=fz.dtype, device=fz.device)
             e[:, i] = 1
             (row,) = torch.autograd.grad(fz, z_in, e.reshape(fz.shape), retain_graph=True, allow_unused=True)
             if row is not None:
-                jac[:, i, :] = row.reshape(batch, n)
+                jac[:, i, :] = row.reshape(batch, n).to(torch.float64)
     eye = torch.eye(n, dtype=jac.dtype, device=jac.device)
     u = torch.linalg.solve((eye - jac).transpose(1, 2), g.reshape(batch, n, 1).to(jac.dtype))
-    return _grads(fz, params, u.reshape(fz.shape))
+    return _grads(fz, params, u.reshape(fz.shape).to(fz.dtype))
+
+
+def _reference(fn: Map, z0: torch.Tensor, g: torch.Tensor, params: list[torch.Tensor], solver: Solver,
+               max_steps: int, dense: bool) -> tuple[list[torch.Tensor | None], Solution, str]:
+    """The exact gradient of ``<g, z*>`` for ``params``: a tight solve, then the dense or the Implicit adjoint."""
+    tight = _tight_rtol(z0.dtype)
+    if dense:
+        with torch.no_grad():
+            ref_sol = solve(fn, z0, solver=solver, max_steps=max_steps, rtol=tight, atol=0.0)
+        return _dense_reference(fn, ref_sol.z, g, params), ref_sol, "exact gradient, dense per-sample (I - J)^-T g"
+    adjoint = Implicit(solver=solver, max_steps=max_steps, rtol=tight, atol=0.0)
+    with torch.enable_grad():
+        ref_sol = solve(fn, z0, solver=solver, backward=adjoint, max_steps=max_steps, rtol=tight, atol=0.0)
+        exact = _grads(ref_sol.z, params, g)
+    return exact, ref_sol, f"exact gradient, Implicit adjoint to rtol {tight:g}"
+
+
+_Saved = list[tuple[torch.nn.Module, str, torch.Tensor, torch.Tensor]]
+
+
+def _save_buffers(module: torch.nn.Module | None) -> _Saved:
+    """Each buffer of ``module`` with a copy of its value (a spectral norm's ``u, v``, BatchNorm statistics)."""
+    if module is None:
+        return []
+    return [(m, name, buf, buf.detach().clone()) for m in module.modules() for name, buf in m._buffers.items()
+            if buf is not None]
+
+
+def _restore_buffers(saved: _Saved) -> None:
+    with torch.no_grad():
+        for m, name, buf, value in saved:
+            m._buffers[name] = buf  # the same tensor object: state_dict, DDP and optimizers may hold it
+            buf.copy_(value)
+
+
+def _pass_state(module: torch.nn.Module) -> list[torch.Tensor | None]:
+    """For each stabiliser in ``module`` (``.modules()`` order), the dropout mask of the pass it is in, if any.
+    Read inside the tested solve's scope, before it exits and drops the masks."""
+    masks: list[torch.Tensor | None] = []
+    for m in module.modules():
+        if isinstance(m, PassLocal):
+            scope = active_scope(m) if isinstance(m, VariationalDropout) else None
+            masks.append(None if scope is None else scope.mask(m))
+    return masks
+
+
+def _replay_pass(scope: PassScope, module: torch.nn.Module, masks: list[torch.Tensor | None]) -> None:
+    """Make ``scope`` (entered on ``module``, a deep copy of the tested map) the pass the tested solve ran in:
+    each dropout reuses the tested mask, and each spectral norm counts as having taken its power step already
+    (the copy was taken after that step, so its ``u, v`` are the ones the tested solve used)."""
+    stabilisers = [m for m in module.modules() if isinstance(m, PassLocal)]
+    assert len(stabilisers) == len(masks)  # a deep copy has the same modules in the same order
+    for m, mask in zip(stabilisers, masks):
+        if mask is not None:
+            scope._state[id(m)] = mask  # what VariationalDropout stores on its first call in a scope
+        else:
+            scope.claim(m)
 
 
 def check_gradients(
@@ -439,14 +504,28 @@ def check_gradients(
         check_gradients(layer, x=x)                          # a DEQ: its parameters, its options
         check_gradients(f, z0, params=[w, b], backward=JFB())  # a map f(z) closing over w, b
 
-    The reference solves ``z* = f(z*)`` tightly (relative residual 1e-11 in float64, 1e-6 in float32, up to
+    The reference solves ``z* = f(z*)`` tightly (relative residual 1e-11 in float64, 1e-6 in float32, 1e-2 in bf16/fp16, up to
     ``max(10 * max_steps, 500)`` steps with the same solver) and then, with ``reference="dense"`` (``"auto"``
     when a sample has at most 256 elements), builds each sample's Jacobian with one vector-Jacobian product per
     element and solves ``(I - J)^T u = g`` densely; with ``"implicit"`` it uses :class:`Implicit` with the same
     tight tolerances (for large states). For a :class:`DEQ` the reference runs on a float64 deep copy of
     ``layer.f`` (and of ``x``); a map cannot be copied, so its reference runs in its own dtype: pass a float64
-    map for the sharpest check. ``f`` must not mix samples for the dense route, and must be deterministic
-    (e.g. no dropout) for the comparison to mean anything. Nothing is accumulated into ``.grad``.
+    map for the sharpest check. The dense Jacobian algebra runs in float64 whatever the map's dtype (bf16 and
+    fp16 maps included). ``f`` must not mix samples for the dense route.
+
+    One pass, no side effects. The whole check is one forward pass of the map, as ``layer(x)`` is: the tested
+    solve runs inside :func:`fixedpoint.pass_scope` on ``layer.f`` (masks drawn from ``generator``), so a
+    training-mode :class:`~fixedpoint.VariationalDropout` draws one mask and a training-mode
+    :func:`~fixedpoint.spectral_norm` takes one power step, and the reference differentiates that same map: the
+    float64 copy is taken after the power step and runs in a scope of its own that reuses the tested solve's
+    masks and takes no further step. Called inside your own ``pass_scope`` covering ``layer.f``, that scope
+    decides (its masks are used, drawn now if not drawn yet). A map ``f(z)`` that is an ``nn.Module`` gets one
+    scope around both solves; a map that merely closes over such modules (a lambda) is not seen, so call the
+    check inside your own ``pass_scope`` covering them, which then serves both solves. Anything else random in
+    ``f`` (``torch.nn.Dropout``) makes the comparison meaningless. Afterwards the buffers of ``layer.f`` (or of a
+    module map) hold their values from before the call (a spectral norm's ``u, v``, BatchNorm statistics); an
+    :class:`Implicit` mode's ``state`` is neither read nor written (the check runs the mode with
+    ``state=None``, so no warm start from it and no record in it). Nothing is accumulated into ``.grad``.
 
     Args:
         f: a :class:`fixedpoint.DEQ` layer, or a map ``f(z)`` with ``(B, ...) -> (B, ...)``.
@@ -460,7 +539,8 @@ def check_gradients(
         solver, max_steps, rtol, atol: forward options of the tested solve; ``None`` takes the layer's (or
             :func:`fixedpoint.solve`'s defaults for a map).
         reference: ``"auto"``, ``"dense"`` or ``"implicit"``, as above.
-        generator: source of the probe ``g``, on the state's device; ``None`` uses the global one.
+        generator: source of the probe ``g`` and then of the pass's dropout masks, on the state's device;
+            ``None`` uses the global one.
 
     Returns:
         A :class:`GradientCheck` (floats, read from the device once at the end).
@@ -536,38 +616,43 @@ def check_gradients(
     _check_generator(generator, z0.device)
     assert mode is not None
 
-    # ---- the tested mode
-    g = torch.randn(z0.shape, generator=generator, device=z0.device, dtype=z0.dtype)
-    with torch.enable_grad():
-        sol = solve(fn, z0, solver=solver_, backward=mode, max_steps=max_steps_, rtol=rtol_, atol=atol_,
-                    check_every=check_every)
-        tested = _grads(sol.z, param_list, g)
-
-    # ---- the exact gradient, on a float64 copy for a layer
-    if layer is not None and z0.dtype != torch.float64:
-        f_ref = copy.deepcopy(layer.f).to(torch.float64)
-        ref_params_by_name = dict(f_ref.named_parameters())
-        x_ref = x.detach().to(torch.float64).requires_grad_(x.requires_grad)  # type: ignore[union-attr]
-        ref_params = [x_ref if p is x else ref_params_by_name[label] for label, p in zip(labels, param_list)]
-        fn_ref: Map = lambda z: f_ref(z, x_ref)
-        z0_ref, g_ref, precision = z0.to(torch.float64), g.to(torch.float64), ", float64 copy of the layer"
-    else:
-        fn_ref, ref_params, z0_ref, g_ref, precision = fn, param_list, z0, g, f", {str(z0.dtype)[6:]}"
-    tight = _tight_rtol(z0_ref.dtype)
-    ref_steps = max(10 * max_steps_, 500)
+    # The check is side-effect free: the caller's AdjointState records real training solves, so the tested mode
+    # runs without it (no warm start from it, no record in it); the report names the mode as given.
+    tested_mode = dataclasses.replace(mode, state=None) if isinstance(mode, Implicit) else mode
+    # One pass of the map for the whole check, as layer(x) runs it: one dropout mask, one spectral-norm power step
+    # (a map that keeps moving has no equilibrium to check). A map f(z) that is a module gets the same.
+    module = layer.f if layer is not None else f if isinstance(f, torch.nn.Module) else None
     use_dense = reference == "dense" or (reference == "auto" and z0[0].numel() <= DENSE_LIMIT)
-    if use_dense:
-        with torch.no_grad():
-            ref_sol = solve(fn_ref, z0_ref, solver=solver_, max_steps=ref_steps, rtol=tight, atol=0.0)
-        exact = _dense_reference(fn_ref, ref_sol.z, g_ref, ref_params)
-        how = "exact gradient, dense per-sample (I - J)^-T g"
-    else:
-        adjoint = Implicit(solver=solver_, max_steps=ref_steps, rtol=tight, atol=0.0)
-        with torch.enable_grad():
-            ref_sol = solve(fn_ref, z0_ref, solver=solver_, backward=adjoint, max_steps=ref_steps, rtol=tight,
-                            atol=0.0)
-            exact = _grads(ref_sol.z, ref_params, g_ref)
-        how = f"exact gradient, Implicit adjoint to rtol {tight:g}"
+    ref_steps = max(10 * max_steps_, 500)
+    saved = _save_buffers(module)
+    try:
+        with contextlib.nullcontext() if module is None else pass_scope(module, generator=generator):
+            # ---- the tested mode
+            g = torch.randn(z0.shape, generator=generator, device=z0.device, dtype=z0.dtype)
+            with torch.enable_grad():
+                sol = solve(fn, z0, solver=solver_, backward=tested_mode, max_steps=max_steps_, rtol=rtol_,
+                            atol=atol_, check_every=check_every)
+                tested = _grads(sol.z, param_list, g)
+            if layer is None:
+                # ---- the exact gradient of a map: in its own dtype (it cannot be copied), in the same pass
+                exact, ref_sol, how = _reference(fn, z0, g, param_list, solver_, ref_steps, use_dense)
+                precision = f", {str(z0.dtype)[6:]}"
+            else:
+                # Copied after the tested solve's power steps, with the masks it drew, for the reference below.
+                f_ref = copy.deepcopy(layer.f).to(torch.float64)
+                masks = _pass_state(layer.f)
+        if layer is not None:
+            # ---- the exact gradient of a layer, on a float64 copy that sees the tested solve's map
+            ref_params_by_name = dict(f_ref.named_parameters())
+            x_ref = x.detach().to(torch.float64).requires_grad_(x.requires_grad)  # type: ignore[union-attr]
+            ref_params = [x_ref if p is x else ref_params_by_name[label] for label, p in zip(labels, param_list)]
+            with pass_scope(f_ref) as ref_scope:
+                _replay_pass(ref_scope, f_ref, masks)
+                exact, ref_sol, how = _reference(lambda z: f_ref(z, x_ref), z0.to(torch.float64),
+                                                 g.to(torch.float64), ref_params, solver_, ref_steps, use_dense)
+            precision = ", float64 copy of the layer"
+    finally:
+        _restore_buffers(saved)
 
     # ---- compare (host reads from here on)
     rows, all_tested, all_exact = [], [], []
