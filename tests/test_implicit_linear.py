@@ -353,11 +353,42 @@ def test_bad_options_name_the_argument():
             fp.Implicit(solver=fp.Neumann(order=2), **{name: value})
     with pytest.raises(TypeError, match="Implicit: solver must be None, a Solver, GMRES, Neumann or one of"):
         fp.Implicit(solver=3)
-    with pytest.raises(ValueError, match="Implicit: solver must be"):
-        fp.Implicit(solver="gmres")  # strings name fixed-point solvers only
+    with pytest.raises(ValueError, match=r"Implicit: solver must be .*GMRES\(\.\.\.\) or Neumann\(order=\.\.\.\) "
+                                         r"instance.*got 'gmres'"):
+        fp.Implicit(solver="gmres")  # strings name fixed-point solvers only; the message points to the instances
     with pytest.raises(TypeError, match="Implicit: state must be None or an AdjointState, got dict"):
         fp.Implicit(state={})
     with pytest.raises(TypeError, match="AdjointState: warm_start must be a bool, got int"):
         fp.AdjointState(warm_start=1)
     with pytest.raises(TypeError):
         fp.AdjointState(True)  # keyword only
+
+
+def test_restarted_gmres_can_stall_beyond_spectral_radius_one_and_reports_it():
+    """The documented limit: restart < D carries no guarantee when I - J is indefinite; the stall is reported."""
+    gen = torch.Generator().manual_seed(0)
+    batch, dim = 3, 60
+    j = torch.randn(batch, dim, dim, generator=gen, dtype=torch.float64) * 1.5 / math.sqrt(dim)
+    g = torch.randn(batch, dim, generator=gen, dtype=torch.float64)
+    assert (torch.linalg.eigvals(j).abs().amax(-1) > 1.4).all()  # precondition: plain iteration diverges
+    exact = dense_adjoint(j, g)
+    stalled = fp.GMRES(restart=20).solve(Counted(j), g, max_steps=1000, rtol=1e-6, atol=0.0)
+    error = (stalled.u - exact).norm(dim=1) / exact.norm(dim=1)
+    assert error[:2].min() > 0.5  # far from the solution after 1000 steps
+    assert stalled.converged.tolist() == [False, False, True]
+    assert stalled.status.tolist() == [fp.Status.MAX_STEPS, fp.Status.MAX_STEPS, fp.Status.CONVERGED]
+    # the reported residual is the true one, so `converged` can be trusted
+    torch.testing.assert_close(stalled.residual, true_residual(j, g, stalled.u), rtol=1e-9, atol=0.0)
+    full = fp.GMRES(restart=dim).solve(Counted(j), g, max_steps=1000, rtol=1e-10, atol=0.0)
+    assert full.converged.all() and full.num_iterations <= dim
+    torch.testing.assert_close(full.u, exact, rtol=1e-7, atol=1e-8)
+    # through Implicit the same stall shows in AdjointState.converged (f is linear, so J is the same at any z)
+    x = torch.randn(batch, dim, generator=gen, dtype=torch.float64, requires_grad=True)
+    state = fp.AdjointState()
+    mode = fp.Implicit(solver=fp.GMRES(restart=20), max_steps=1000, rtol=1e-6, atol=0.0, state=state)
+    sol = fp.solve(lambda z: torch.einsum("bij,bj->bi", j, z) + x, torch.zeros_like(x), backward=mode,
+                   max_steps=5)
+    (sol.z * g).sum().backward()
+    assert state.converged.tolist() == [False, False, True]
+    assert state.status.tolist() == [fp.Status.MAX_STEPS, fp.Status.MAX_STEPS, fp.Status.CONVERGED]
+    assert (x.grad[2] - exact[2]).norm() < 1e-4 * exact[2].norm()  # dL/dx = u for f(z) = J z + x, to rtol's scale

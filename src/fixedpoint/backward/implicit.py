@@ -42,7 +42,10 @@ class AdjointState:
         warm_start: start each adjoint solve from the previous one's ``u``.
 
     Attributes:
-        u: the last adjoint, shaped like the solution ``z`` (a detached copy).
+        u: the last adjoint (a detached copy), in the layout the backward mode works in: shaped like ``z`` for a
+            tensor state; for a tuple or dict state, the flat ``(B, D)`` concatenation of the leaves, each
+            flattened per sample, in the state's order (``D`` the sum of the leaves' per-sample sizes), in their
+            promoted dtype (``torch.promote_types``), as :func:`fixedpoint.solve` lays such a state out.
         residual: ``(B,)`` float32 (float64 for float64 states). For :class:`GMRES`, ``||g - u (I - J)||`` of
             ``u`` itself; for a fixed-point solver, ``||u_k J + g - u_k||`` of the iterate ``u_k`` whose image
             ``u = u_k J + g`` was returned (as ``Solution.residual`` is for the forward).
@@ -191,8 +194,13 @@ class Implicit(Backward):
       ``u -> u J + g``, started at ``g``; converged when ``||u J + g - u|| <= atol + rtol * ||u J + g||``, as in
       :func:`fixedpoint.solve`. ``max_steps`` counts vector-Jacobian products.
     * :class:`GMRES` on ``u (I - J) = g``, started at zero; converged when ``||g - u (I - J)|| <= atol +
-      rtol * ||g||``. ``max_steps`` counts Arnoldi steps; each restart cycle spends one product more. It needs
-      no contraction: it also solves where ``J`` has spectral radius above 1 and plain iteration diverges.
+      rtol * ||g||``. ``max_steps`` counts Arnoldi steps; each restart cycle spends one product more. It does
+      not need a contraction the way the fixed-point solvers do, but it is guaranteed to converge only without
+      restarts: with ``restart >= D`` (``D`` the per-sample state size) it solves any nonsingular ``I - J`` in at
+      most ``D`` steps (in exact arithmetic), also where ``J`` has spectral radius above 1 and plain iteration
+      diverges. Restarted GMRES (``restart < D``) can stall when ``I - J`` is indefinite (eigenvalues of ``J``
+      beyond 1), and then stops at ``max_steps`` with status ``MAX_STEPS`` (see :class:`GMRES` for an example):
+      pass an :class:`AdjointState` and read its ``converged``, and raise ``restart`` if it reports a stall.
     * :class:`Neumann`: ``u = g (I + J + ... + J^order)``, exactly ``order`` products, no tolerance and no sync;
       ``max_steps``, ``rtol``, ``atol`` and ``state`` do not apply to it and must stay ``None``.
 
@@ -217,6 +225,10 @@ class Implicit(Backward):
     def __post_init__(self) -> None:
         from .._solve import SOLVERS, _as_solver, _check_steps, _check_tol  # the shared validators
 
+        if isinstance(self.solver, str) and self.solver not in SOLVERS:
+            # Strings name the fixed-point solvers only; the linear solvers take options, so they are instances.
+            raise ValueError(f"Implicit: solver must be None, a Solver, a GMRES(...) or Neumann(order=...) instance, "
+                             f"or one of {sorted(SOLVERS)} (names of fixed-point solvers), got {self.solver!r}")
         if isinstance(self.solver, (str, Solver)):
             object.__setattr__(self, "solver", _as_solver(self.solver, "Implicit: solver"))
         elif self.solver is not None and not isinstance(self.solver, (GMRES, Neumann)):
@@ -254,7 +266,7 @@ class Implicit(Backward):
 
         Args:
             apply_j: ``u -> u J`` on tensors shaped like ``g``.
-            g: the incoming gradient, shaped like the solution ``z``.
+            g: the incoming gradient, shaped like the (flat, for a tuple or dict state) solution ``z``.
             adjoint: the options from :meth:`adjoint_options`.
 
         Returns:

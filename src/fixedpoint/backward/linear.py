@@ -64,7 +64,16 @@ class GMRES(metaclass=OptionsMeta):
     minimises ``||r - y V_m A|| = ||beta e_1 - H y||`` (Saad, *Iterative Methods for Sparse Linear Systems*, 2nd ed., Alg. 6.9);
     Givens rotations keep ``H`` triangular as it grows, so each step's residual norm is read off the rotated
     right-hand side without forming ``y``. Without restarts (``restart >= D``) a ``D``-dimensional system is
-    solved in at most ``D`` steps, in exact arithmetic.
+    solved in at most ``D`` steps, in exact arithmetic, whatever the spectrum of ``J``.
+
+    Restarts trade that guarantee for memory. Restarted GMRES converges when ``I - J`` is positive definite
+    (its symmetric part is, e.g. when ``||J|| < 1``; Saad, Sec. 6.11.4), but it can stall when ``I - J`` is indefinite,
+    as it may be where ``J`` has spectral radius above 1: every cycle then reduces the residual by almost
+    nothing. For instance (one draw), ``D = 60`` and ``J`` with i.i.d. entries ``N(0, 1.5^2 / D)`` (spectral radius about
+    1.5), ``rtol = 1e-6``: with ``restart = 20``, two of three samples are still at 60% and 90% relative error
+    after 1000 steps; with ``restart = 60`` all three converge in 60. A stall is reported, not hidden: such
+    samples end with ``converged`` False and status ``MAX_STEPS`` (through :class:`Implicit`, read
+    :attr:`AdjointState.converged`); raise ``restart`` for them.
 
     Per sample: a sample stops taking part once its estimated residual meets its tolerance, or when its Krylov
     space closes (the new basis vector is rounding noise: the exact solution lies in the space already built), or
@@ -80,7 +89,8 @@ class GMRES(metaclass=OptionsMeta):
 
     Args:
         restart: Arnoldi steps per cycle, at least 1; after each cycle the true residual is recomputed and the
-            space is rebuilt from it.
+            space is rebuilt from it. Convergence is guaranteed for any nonsingular ``I - J`` only with
+            ``restart >= D``; below that it may stall (see above).
     """
 
     restart: int = 20
