@@ -179,6 +179,11 @@ def jacobian_penalty(f: Map, z: torch.Tensor, *, num_projections: int = 1,
     ``torch.Generator`` argument. The global generator then supplies the draws (seed it with
     ``torch.manual_seed``); compiled random numbers may differ from eager ones.
 
+    Every operation in ``f`` needs a forward-mode derivative. In torch 2.13 some have none and raise
+    ``NotImplementedError``: ``scaled_dot_product_attention``'s fused kernel on CPU, so FPDM's attention block
+    (CUDA unchecked; write attention as explicit matmuls and a softmax to regularise it), and ``out=`` ops such as
+    a nested early-stopping :func:`fixedpoint.solve` inside ``f`` (use a fixed-step inner solve).
+
     Args:
         f: the map ``(B, ...) -> (B, ...)``; its output may have another shape, but must keep the batch.
         z: the point ``(B, ...)``, floating point, usually the equilibrium.
