@@ -449,9 +449,9 @@ def _ddp_worker(rank: int, folder: str) -> None:
 def test_ddp_averages_gradients_and_keeps_ranks_identical(tmp_path):
     import torch.multiprocessing as mp
 
-    # fork, not spawn: a spawned child re-imports torch, which is most of this test's time on a busy machine.
-    # The worker sets one intra-op thread before any compute, as DataLoader workers do after fork.
-    mp.start_processes(_ddp_worker, args=(str(tmp_path),), nprocs=2, join=True, start_method="fork")
+    # spawn, not fork: forked from a pytest process that has already run many torch ops (OpenMP thread pools), the
+    # children deadlocked in the full suite, although the test passed on its own.
+    mp.start_processes(_ddp_worker, args=(str(tmp_path),), nprocs=2, join=True, start_method="spawn")
     states = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for key in states[0]:
         assert torch.equal(states[0][key], states[1][key]), key  # parameters and the u, v buffers
