@@ -8,25 +8,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from problems import dense_implicit_grad, tanh_layer, tanh_map
-from torch.overrides import TorchFunctionMode
+from test_solve import CountSyncs
 
 import fixedpoint as fp
 
 TIGHT = {"rtol": 1e-13, "atol": 0.0, "max_steps": 300}
-_SYNCS = {"__bool__", "item", "tolist", "__float__", "__int__", "__index__", "nonzero"}
-
-
-class CountSyncs(TorchFunctionMode):
-    """Counts tensor -> Python conversions: on CUDA each one is a host-device synchronisation."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if getattr(func, "__name__", None) in _SYNCS:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
 
 
 def dense_system(batch, dim, *, radius, seed=0, dtype=torch.float64):
