@@ -151,3 +151,18 @@ def test_setting_keys_and_labels_are_distinct():
     settings = DemoSettings.default().settings()
     assert len({s.key for s in settings}) == len(settings)
     assert Setting("FPDM", 24, 2, False).label == "FPDM k=2, no reuse"
+
+
+def test_cli_prints_the_summary_table_and_where_the_report_is(toy_run, tmp_path, capsys, monkeypatch):
+    """A finished folder: the CLI resumes (nothing to do) and prints the table even with --no-progress."""
+    out, record = toy_run
+    for part in ("runs", "classifier", "grids"):
+        shutil.copytree(out / part, tmp_path / part)
+    for name in ("demo.json", "results.json"):
+        shutil.copy(out / name, tmp_path / name)
+    # the CLI builds its settings from its options: hand it the toy ones
+    monkeypatch.setattr(DemoSettings, "default", classmethod(lambda cls, **kwargs: TOY))
+    assert fpdm(["demo", "--out", str(tmp_path), "--no-progress", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert demo_module.summary_table(record).splitlines()[0] in printed
+    assert "FPDM" in printed and str(tmp_path / "report.html") in printed

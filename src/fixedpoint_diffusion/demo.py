@@ -304,9 +304,7 @@ def _run(out: Path, settings: DemoSettings, wanted: dict[str, Any], device: torc
     plot_reuse_residuals(record, out / "residuals_reuse.png")
     (out / "report.md").write_text(markdown_report(record))
     (out / "report.html").write_text(html_report(record))
-    if progress:
-        print(summary_table(record))
-    clock.say(f"done: {out / 'report.md'} and {out / 'report.html'}")
+    clock.say("done")
     return record
 
 
@@ -549,8 +547,12 @@ def _run_cli(args: Any) -> int:
     settings = DemoSettings.default(quick=args.quick, seed=args.seed, minutes=args.minutes,
                                     num_samples=args.samples)
     try:
-        run_demo(args.out, settings=settings, device=args.device, progress=not args.no_progress)
+        record = run_demo(args.out, settings=settings, device=args.device, progress=not args.no_progress)
     except KeyboardInterrupt as err:
         print(f"fpdm demo: stopped ({err}); run the same command again to resume")
         return 130
+    print(summary_table(record))
+    print("\n".join(f"- {line}" for line in _findings(record)))
+    out = Path(args.out)
+    print(f"report: {out / 'report.html'} ({out / 'report.md'}); every number: {out / 'results.json'}")
     return 0
