@@ -330,9 +330,11 @@ def _timesteps(model: Any, setting: Setting) -> list[int]:
 
 
 def _sampling_guess(settings: DemoSettings) -> float:
-    """A rough upfront guess of the sampling time (refined once the first setting has been measured)."""
-    per_pass = 2e-5 if settings.quick else 1.5e-4  # seconds per block pass per image on 2 CPU cores
-    return sum(s.budget for s in settings.settings()) * settings.num_samples * per_pass
+    """A rough upfront guess of the time after training: the classifier and the sampling, from the measured
+    2-core run in docs/demo.md (41 s for the classifier and its features, 4e-4 s per block pass per image with
+    scoring); refined once the first setting has been sampled."""
+    classifier, per_pass = (5.0, 5e-5) if settings.quick else (41.0, 4e-4)
+    return classifier + sum(s.budget for s in settings.settings()) * settings.num_samples * per_pass
 
 
 # ----- figures -------------------------------------------------------------------------------------------------
