@@ -157,3 +157,31 @@ def test_fpdm_forward_is_one_pass_for_a_spectral_norm_in_its_fixed_point_block(m
     calls.clear()
     model(x, t, y).out.square().mean().backward()  # training call: stochastic JFB, several with-grad steps
     assert len(calls) == 1
+
+
+def test_penalty_through_attention_with_the_math_kernel_equals_explicit_attention():
+    """The fused SDPA kernel has no forward-mode derivative in torch 2.13; its math kernel has, and gives the
+    penalty of the same map written out as softmax(q k^T / sqrt(d)) v."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    gen = torch.Generator().manual_seed(0)
+    w = (0.5 * torch.randn(8, 8, generator=gen, dtype=torch.float64)).requires_grad_()
+    z = torch.randn(2, 4, 8, generator=gen, dtype=torch.float64)
+
+    def fused(z):
+        h = z @ w
+        return torch.nn.functional.scaled_dot_product_attention(h, h, h)
+
+    def explicit(z):
+        h = z @ w
+        return torch.softmax(h @ h.transpose(-1, -2) / math.sqrt(8), dim=-1) @ h
+
+    torch.manual_seed(5)
+    with sdpa_kernel(SDPBackend.MATH):
+        penalty = fp.jacobian_penalty(fused, z, num_projections=3)
+    torch.manual_seed(5)
+    reference = fp.jacobian_penalty(explicit, z, num_projections=3)
+    torch.testing.assert_close(penalty, reference)
+    (grad,) = torch.autograd.grad(penalty.sum(), w)
+    (grad_ref,) = torch.autograd.grad(reference.sum(), w)
+    torch.testing.assert_close(grad, grad_ref)

@@ -181,8 +181,9 @@ def jacobian_penalty(f: Map, z: torch.Tensor, *, num_projections: int = 1,
 
     Every operation in ``f`` needs a forward-mode derivative. In torch 2.13 some have none and raise
     ``NotImplementedError``: ``scaled_dot_product_attention``'s fused kernel on CPU, so FPDM's attention block
-    (CUDA unchecked; write attention as explicit matmuls and a softmax to regularise it), and ``out=`` ops such as
-    a nested early-stopping :func:`fixedpoint.solve` inside ``f`` (use a fixed-step inner solve).
+    (CUDA unchecked; select the math kernel around the call, ``with torch.nn.attention.sdpa_kernel(
+    torch.nn.attention.SDPBackend.MATH):``, which has forward-mode derivatives: checked on CPU), and ``out=`` ops
+    such as a nested early-stopping :func:`fixedpoint.solve` inside ``f`` (use a fixed-step inner solve).
 
     Args:
         f: the map ``(B, ...) -> (B, ...)``; its output may have another shape, but must keep the batch.
