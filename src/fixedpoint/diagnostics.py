@@ -57,7 +57,7 @@ from typing import Literal
 import torch
 
 from ._solution import Solution
-from ._solve import BACKWARDS, SOLVERS, SolverName, solve
+from ._solve import BACKWARDS, SOLVERS, SolverName, _check_leaf, _check_steps, solve
 from .backward import Backward, Implicit
 from .dropout import PassLocal, PassScope, VariationalDropout, active_scope, pass_scope
 from .nn import DEQ
@@ -73,21 +73,12 @@ DENSE_LIMIT = 256
 
 
 # --- shared validation ----------------------------------------------------------------------------------------
-# Own small checks rather than the solve module's private ones: these functions take tensor states only.
+# The solve module's leaf and count checks; these functions take tensor states only (no tuple/dict).
 
 def _check_state(z: object, what: str) -> torch.Tensor:
     if not isinstance(z, torch.Tensor):
         raise TypeError(f"{what} must be a torch.Tensor (diagnostics take tensor states), got {type(z).__name__}")
-    if not z.is_floating_point():
-        raise TypeError(f"{what} must have a floating-point dtype, got {z.dtype}")
-    if z.dim() < 1 or z.shape[0] == 0:
-        raise ValueError(f"{what} must have a non-empty leading batch dimension, got shape {tuple(z.shape)}")
-    return z
-
-
-def _check_count(value: object, what: str) -> None:
-    if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-        raise ValueError(f"{what} must be an int >= 1, got {value!r}")
+    return _check_leaf(z, what)
 
 
 def _check_tolerance(value: object, what: str) -> None:
@@ -202,7 +193,7 @@ def jacobian_penalty(f: Map, z: torch.Tensor, *, num_projections: int = 1,
     """
     _check_map(f)
     z = _check_state(z, "z")
-    _check_count(num_projections, "num_projections")
+    _check_steps(num_projections, "num_projections")
     _check_generator(generator, z.device)
     batch = z.shape[0]
     dtype = _accumulation_dtype(z.dtype)
@@ -263,7 +254,7 @@ def spectral_radius(f: Map, z: torch.Tensor, *, num_iterations: int = 50,
     """
     _check_map(f)
     z = _check_state(z, "z")
-    _check_count(num_iterations, "num_iterations")
+    _check_steps(num_iterations, "num_iterations")
     _check_generator(generator, z.device)
     if torch.is_inference_mode_enabled():
         raise RuntimeError("spectral_radius needs autograd for its vector-Jacobian products; call it outside "
@@ -616,7 +607,7 @@ def check_gradients(
         check_every = 1
         fn = f  # type: ignore[assignment]
         layer = None
-    _check_count(max_steps_, "max_steps")
+    _check_steps(max_steps_, "max_steps")
     _check_tolerance(rtol_, "rtol")
     _check_tolerance(atol_, "atol")
     _check_generator(generator, z0.device)
