@@ -9,18 +9,18 @@ import pytest
 import torch
 from PIL import Image
 
-from fixedpoint_diffusion import demo as demo_module
+from fixedpoint_diffusion import pretrained
+from fixedpoint_diffusion import report as report_module
 from fixedpoint_diffusion.cli import main as fpdm
-from fixedpoint_diffusion.demo import DemoSettings, Setting, run_demo
-from fixedpoint_diffusion.evaluation import ShapesClassifier, classifier_features, evaluate_samples
-from fixedpoint_diffusion.experiment import Scorer
+from fixedpoint_diffusion.demo import DemoSettings, run_demo
+from fixedpoint_diffusion.evaluation import evaluate_samples
+from fixedpoint_diffusion.experiment import Scorer, Setting
 from fixedpoint_diffusion.pipeline import to_uint8
-from fixedpoint_diffusion.sample_cli import load_model
 from fixedpoint_diffusion.sampling import sample
 
-# Smaller than --quick: a few training steps, 16 samples per setting, one budget.
-TOY = DemoSettings.default(quick=True).replace(minutes=0.003, num_samples=16, budgets=(12,), iters=(1, 2),
-                                               no_reuse_iters=(1,), classifier_steps=20, num_reference=64)
+# Smaller than --quick: 16 samples per setting, two budgets, a few training steps.
+TOY = DemoSettings.default(quick=True).replace(num_samples=16, budgets=(6, 24), iters=(1, 2), no_reuse_iters=(1,),
+                                               allocation_budgets=(24,), guidance_budgets=(24,), train_macs=2e10)
 
 
 @pytest.fixture(scope="module")
@@ -31,77 +31,91 @@ def toy_run(tmp_path_factory):
 
 def test_every_setting_is_scored_within_its_budget(toy_run):
     out, record = toy_run
-    expected = {s.key for s in TOY.settings()}
-    assert set(record["settings"]) == expected == {"DiT-b12", "FPDM-b12-k1-reuse", "FPDM-b12-k2-reuse",
-                                                   "FPDM-b12-k1-noreuse"}
-    for key, row in record["settings"].items():
+    rows = record["pretrained"]["rows"]
+    assert set(rows) == {s.key for s in TOY.settings()} == {
+        "DiT-b6", "FPDM-b6-k1-reuse", "FPDM-b6-k2-reuse", "FPDM-b6-k1-noreuse", "DiT-b24", "FPDM-b24-k1-reuse", "FPDM-b24-k2-reuse",
+        "FPDM-b24-k1-noreuse", "FPDM-b24-k2-reuse-increasing", "FPDM-b24-k2-reuse-decreasing", "DiT-b24-cfg3",
+        "FPDM-b24-k2-reuse-cfg3"}
+    for key, row in rows.items():
         assert row["block_passes"] <= row["budget"], key
         assert np.isfinite(row["fd"]) and 0 <= row["accuracy"] <= 1 and row["num"] == TOY.num_samples
+        assert row["fd_ci"][0] <= row["fd_ci"][1] and row["accuracy_ci"][0] <= row["accuracy_ci"][1]
         assert len(row["timesteps"]) == row["num_steps"]
         if row["model"] == "FPDM":
-            assert row["num_steps"] == row["budget"] // (2 + row["iters_per_step"])  # timestep smoothing
+            if row["allocation"] == "constant":
+                assert row["num_steps"] == row["budget"] // (2 + row["iters_per_step"])  # timestep smoothing
             assert len(row["residual"]) == row["num_steps"]
         else:
-            assert row["num_steps"] == row["budget"] // 4 and row["residual"] is None  # the toy DiT: depth 4
-    assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(record))
+            assert row["num_steps"] == row["budget"] // 6 and row["residual"] is None  # the shipped DiT: depth 6
+    assert json.loads((out / "results.json").read_text()) == record
 
 
 def test_results_folder_has_grids_plots_and_a_report_that_links_only_existing_files(toy_run):
     out, record = toy_run
-    for name in ["quality_vs_budget.png", "residuals_reuse.png", "grids/real.png",
-                 *(f"grids/{key}.png" for key in record["settings"])]:
+    for name in ["quality_vs_budget.png", "residuals_reuse.png", "training_loss.png", "grids/real.png",
+                 *(f"grids/{key}.png" for key in record["pretrained"]["rows"])]:
         with Image.open(out / name) as image:
             assert image.size[0] > 100, name
-    with Image.open(out / "grids" / "DiT-b12.png") as image:  # 16 samples, 8 per row, tiles upscaled to 64 px
-        assert image.size == (8 * 64, 2 * 64)
+    with Image.open(out / "grids" / "DiT-b24.png") as image:  # 16 samples, 8 per row, 16-px tiles upscaled 6x
+        assert image.size == (8 * 96, 2 * 96)
     html = (out / "report.html").read_text()
     md = (out / "report.md").read_text()
     linked = set(re.findall(r"src=['\"]([^'\"]+)['\"]", html)) | set(re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md))
-    assert {"quality_vs_budget.png", "residuals_reuse.png", "grids/DiT-b12.png"} <= linked
+    assert {"quality_vs_budget.png", "residuals_reuse.png", "grids/DiT-b24.png", "grids/real.png",
+            "training_loss.png"} <= linked
     assert all((out / path).is_file() for path in linked)
-    table = demo_module.summary_table(record)
-    assert table in md and len(table.splitlines()) == 2 + len(record["settings"])
-    assert "undertrained" in md
+    assert len([p for p in linked if "grids/train-" in p]) == 8  # 4 snapshots of each model during training
+    table = report_module.summary_table(record["pretrained"]["rows"])
+    assert table in md and len(table.splitlines()) == 2 + len(record["pretrained"]["rows"])
+    assert "Verdict" in md and "95%" in md
 
 
 def test_a_setting_equals_sampling_and_scoring_it_by_hand(toy_run):
-    """The demo's number for one setting, recomputed from the saved EMA model with the library calls."""
+    """The demo's number for one setting, recomputed from the shipped model with the library calls."""
     out, record = toy_run
-    row = record["settings"]["FPDM-b12-k2-reuse"]
-    model, diffusion = load_model(out / "runs" / "fpdm" / "ema")
-    classifier = ShapesClassifier.load(out / "classifier" / "classifier.pt")
-    reference = Scorer.build(8, out / "classifier", num_reference=TOY.num_reference, seed=TOY.seed).reference
+    row = record["pretrained"]["rows"]["FPDM-b24-k2-reuse"]
+    model, diffusion = pretrained.load("shapes-fpdm")
+    classifier = pretrained.classifier()
+    reference = Scorer.from_classifier(classifier, seed=TOY.seed).reference
     labels = torch.arange(TOY.num_samples) % 8
-    result = sample(model, labels, diffusion=diffusion, budget=12, iters_per_step=2, sampler="ddim", reuse=True,
+    result = sample(model, labels, diffusion=diffusion, budget=24, iters_per_step=2, sampler="ddim", reuse=True,
                     seed=TOY.seed)
-    images = to_uint8(result.samples)
-    by_hand = evaluate_samples(images, labels.numpy(), classifier, reference, kid_subsets=20,
+    by_hand = evaluate_samples(to_uint8(result.samples), labels.numpy(), classifier, reference, kid_subsets=20,
                                kid_subset_size=TOY.num_samples, seed=TOY.seed)
     assert by_hand["fd"] == pytest.approx(row["fd"], rel=1e-6)
     assert by_hand["accuracy"] == row["accuracy"]
     assert result.residuals.mean(1).tolist() == pytest.approx(row["residual"], rel=1e-6)
-    feats, _ = classifier_features(classifier, images)
-    assert feats.shape == (TOY.num_samples, reference.shape[1])
+
+
+def test_part2_trains_equal_compute_and_the_same_seed_gives_the_same_numbers(toy_run, tmp_path):
+    out, record = toy_run
+    runs = record["training"]["runs"]
+    macs = {name: run["steps"] * run["macs_per_step"] for name, run in runs.items()}
+    for name in runs:  # each within half a step of the budget
+        assert abs(macs[name] - TOY.train_macs) <= 0.5 * runs[name]["macs_per_step"]
+    assert runs["FPDM"]["steps"] > runs["DiT"]["steps"]  # an FPDM step is cheaper than the 6-block DiT's
+    again = run_demo(tmp_path, settings=TOY.replace(budgets=(6,), allocation_budgets=(), guidance_budgets=()),
+                     device="cpu", progress=False)["training"]
+    assert {n: r["steps"] for n, r in again["runs"].items()} == {n: r["steps"] for n, r in runs.items()}
+    for key, row in record["training"]["rows"].items():  # same steps, same weights, same samples, same scores
+        assert again["rows"][key]["fd"] == row["fd"] and again["rows"][key]["accuracy"] == row["accuracy"]
 
 
 def test_a_rerun_resumes_without_training_or_sampling_again(toy_run, monkeypatch):
     out, record = toy_run
-    steps = {name: t["steps"] for name, t in record["training"].items()}
 
     def refuse(*args, **kwargs):
         raise AssertionError("a finished setting was sampled again")
 
     monkeypatch.setattr(Scorer, "score", refuse)
     again = run_demo(out, settings=TOY, device="cpu", progress=False)
-    assert again["settings"] == json.loads(json.dumps(record["settings"]))
-    assert {name: t["steps"] for name, t in again["training"].items()} == steps
+    assert again["pretrained"]["rows"] == record["pretrained"]["rows"]
+    assert again["training"]["runs"] == record["training"]["runs"]
 
 
 def test_an_interrupted_sampling_stage_keeps_what_was_scored(toy_run, tmp_path, monkeypatch):
     out, record = toy_run
-    for part in ("runs", "classifier"):  # the trained models and classifier: this test reruns sampling only
-        shutil.copytree(out / part, tmp_path / part)
-    shutil.copy(out / "demo.json", tmp_path / "demo.json")
+    settings = TOY.replace(train_macs=0)
     real_score = Scorer.score
     calls = []
 
@@ -113,16 +127,14 @@ def test_an_interrupted_sampling_stage_keeps_what_was_scored(toy_run, tmp_path, 
 
     monkeypatch.setattr(Scorer, "score", score_then_stop)
     with pytest.raises(KeyboardInterrupt):
-        run_demo(tmp_path, settings=TOY, device="cpu", progress=False)
-    assert set(json.loads((tmp_path / "results.json").read_text())["settings"]) == {"DiT-b12"}
+        run_demo(tmp_path, settings=settings, device="cpu", progress=False)
+    assert [p.name for p in (tmp_path / "part1" / "scores").glob("*.json")] == ["DiT-b6.json"]
     monkeypatch.setattr(Scorer, "score", real_score)
-    resumed = run_demo(tmp_path, settings=TOY, device="cpu", progress=False)
-    # The same numbers as the uninterrupted run (only the wall time differs); the moved runs kept their plan.
-    untimed = [{key: {k: v for k, v in row.items() if k != "seconds"} for key, row in r["settings"].items()}
-               for r in (resumed, json.loads(json.dumps(record)))]
-    assert untimed[0] == untimed[1]
-    assert {name: t["steps"] for name, t in resumed["training"].items()} == \
-        {name: t["steps"] for name, t in record["training"].items()}
+    resumed = run_demo(tmp_path, settings=settings, device="cpu", progress=False)
+    untimed = [{key: {k: v for k, v in row.items() if k != "seconds"} for key, row in rows.items()}
+               for rows in (resumed["pretrained"]["rows"], record["pretrained"]["rows"])]
+    assert untimed[0] == untimed[1]  # the same numbers as the uninterrupted run
+    assert "training" not in resumed
 
 
 def test_other_settings_in_the_same_folder_are_refused_by_name(toy_run, capsys):
@@ -133,9 +145,12 @@ def test_other_settings_in_the_same_folder_are_refused_by_name(toy_run, capsys):
     assert "other settings" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("changes, match", [({"minutes": 0}, "minutes"), ({"minutes": float("nan")}, "minutes"),
+@pytest.mark.parametrize("changes, match", [({"train_macs": -1.0}, "train_macs"),
+                                            ({"train_macs": float("nan")}, "train_macs"),
                                             ({"num_samples": 4}, "num_samples"), ({"seed": -1}, "seed"),
-                                            ({"budgets": ()}, "budgets"), ({"iters": (0,)}, "iters")])
+                                            ({"budgets": ()}, "budgets"), ({"iters": (0,)}, "iters"),
+                                            ({"guidance_scale": 0.5}, "guidance_scale"),
+                                            ({"iters": (1,)}, "iters must hold 2")])
 def test_bad_settings_are_refused_before_any_work(tmp_path, changes, match):
     with pytest.raises(ValueError, match=match):
         run_demo(tmp_path / "never", settings=TOY.replace(**changes), progress=False)
@@ -143,26 +158,28 @@ def test_bad_settings_are_refused_before_any_work(tmp_path, changes, match):
 
 
 def test_cli_bad_option_exits_2_without_creating_the_folder(tmp_path, capsys):
-    assert fpdm(["demo", "--minutes", "-1", "--out", str(tmp_path / "x")]) == 2
-    assert "minutes" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    assert fpdm(["demo", "--train-macs", "-1", "--out", str(tmp_path / "x")]) == 2
+    assert "train_macs" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
 def test_setting_keys_and_labels_are_distinct():
-    settings = DemoSettings.default().settings()
+    settings = DemoSettings.default(device="cpu").settings()
     assert len({s.key for s in settings}) == len(settings)
     assert Setting("FPDM", 24, 2, False).label == "FPDM k=2, no reuse"
+    assert Setting("FPDM", 24, 2, allocation="increasing", guidance_scale=3).key == "FPDM-b24-k2-reuse-increasing-cfg3"
+    comparisons = DemoSettings.default(device="cpu").comparisons()
+    keys = {s.key for s in settings}
+    assert all(a in keys and b in keys for _, a, b in comparisons)
+    assert {kind for kind, _, _ in comparisons} == {"fpdm-vs-dit", "smoothing", "reuse", "reallocation", "guidance"}
 
 
 def test_cli_prints_the_summary_table_and_where_the_report_is(toy_run, tmp_path, capsys, monkeypatch):
     """A finished folder: the CLI resumes (nothing to do) and prints the table even with --no-progress."""
     out, record = toy_run
-    for part in ("runs", "classifier", "grids"):
-        shutil.copytree(out / part, tmp_path / part)
-    for name in ("demo.json", "results.json"):
-        shutil.copy(out / name, tmp_path / name)
+    shutil.copytree(out, tmp_path / "copy")
     # the CLI builds its settings from its options: hand it the toy ones
     monkeypatch.setattr(DemoSettings, "default", classmethod(lambda cls, **kwargs: TOY))
-    assert fpdm(["demo", "--out", str(tmp_path), "--no-progress", "--device", "cpu"]) == 0
+    assert fpdm(["demo", "--out", str(tmp_path / "copy"), "--no-progress", "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
-    assert demo_module.summary_table(record).splitlines()[0] in printed
-    assert "FPDM" in printed and str(tmp_path / "report.html") in printed
+    assert report_module.summary_table(record["pretrained"]["rows"]).splitlines()[0] in printed
+    assert "Verdict" in printed and str(tmp_path / "copy" / "report.html") in printed

@@ -282,3 +282,36 @@ def test_default_device_follows_local_rank(monkeypatch):
     assert default_device("cuda:1") == torch.device("cuda:1") and default_device("cpu") == torch.device("cpu")
     expected = torch.device("cuda:3") if torch.cuda.is_available() else torch.device("cpu")
     assert default_device(None) == expected
+
+
+def test_learning_rate_schedules_follow_their_formulas(tmp_path):
+    import math
+
+    raw = micro_raw(tmp_path / "run")
+    raw["train"].update(lr=1e-3, max_steps=110, warmup_steps=10, lr_schedule="cosine", min_lr_ratio=0.1)
+    trainer = fd.Trainer(fd.load_config(raw), progress=False)
+    assert [trainer.learning_rate(s) for s in (0, 4, 9)] == pytest.approx([1e-4, 5e-4, 1e-3])
+    for step in (10, 35, 60, 85, 109, 110):
+        progress = (step - 10) / 100
+        assert trainer.learning_rate(step) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))))
+    raw["train"].update(lr_schedule="constant")
+    constant = fd.Trainer(fd.load_config(raw), progress=False)
+    assert constant.learning_rate(10) == constant.learning_rate(109) == 1e-3
+
+
+def test_the_optimizer_steps_with_the_scheduled_learning_rate(tmp_path):
+    raw = micro_raw(tmp_path / "run")
+    raw["train"].update(lr=1e-3, max_steps=3, warmup_steps=2, lr_schedule="cosine")
+    seen = []
+    trainer = fd.Trainer(fd.load_config(raw), progress=False,
+                         hooks=[lambda state: seen.append(trainer.optimizer.param_groups[0]["lr"])])
+    trainer.run()
+    assert seen == pytest.approx([trainer.learning_rate(s) for s in range(3)])
+
+
+@pytest.mark.parametrize("override, key", [("train.lr_schedule='linear'", "train.lr_schedule"),
+                                           ("train.warmup_steps=-1", "train.warmup_steps"),
+                                           ("train.min_lr_ratio=1.5", "train.min_lr_ratio")])
+def test_bad_schedules_are_refused_naming_the_key(override, key):
+    with pytest.raises(fd.ConfigError, match=key):
+        fd.load_config("tiny", [override])

@@ -75,6 +75,11 @@ class TrainConfig:
             (0: no limit). The run stops at a step boundary (under DDP: the next log step) and writes a
             checkpoint; a run stopped this way is complete, not interrupted.
         lr, weight_decay, betas: AdamW.
+        warmup_steps: linear learning-rate warm-up from 0 over this many steps (0: none).
+        lr_schedule: ``"constant"`` (the paper's) or ``"cosine"`` (after the warm-up, decay to
+            ``min_lr_ratio * lr`` at ``max_steps``; a run stopped by ``max_minutes`` decays on the ``max_steps``
+            horizon).
+        min_lr_ratio: the cosine schedule's final learning rate as a fraction of ``lr``.
         grad_clip: clip the global gradient norm to this value (0: off).
         ema_decay: constant EMA decay (DiT: 0.9999); the EMA starts as a copy of the model.
         class_dropout: probability of replacing a label by the null class (for classifier-free guidance).
@@ -96,6 +101,9 @@ class TrainConfig:
     max_minutes: float = 0.0
     lr: float = 1e-4
     weight_decay: float = 0.0
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"
+    min_lr_ratio: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     grad_clip: float = 0.0
     ema_decay: float = 0.9999
@@ -159,6 +167,10 @@ class Config:
         _require(tr.max_steps >= 1, "train.max_steps", tr.max_steps, ">= 1")
         _require(tr.max_minutes >= 0, "train.max_minutes", tr.max_minutes, ">= 0 (0: no limit)")
         _require(tr.lr > 0, "train.lr", tr.lr, "> 0")
+        _require(tr.warmup_steps >= 0, "train.warmup_steps", tr.warmup_steps, ">= 0")
+        _require(tr.lr_schedule in ("constant", "cosine"), "train.lr_schedule", tr.lr_schedule,
+                 "'constant' or 'cosine'")
+        _require(0 <= tr.min_lr_ratio <= 1, "train.min_lr_ratio", tr.min_lr_ratio, "in [0, 1]")
         _require(tr.weight_decay >= 0, "train.weight_decay", tr.weight_decay, ">= 0")
         _require(len(tr.betas) == 2 and all(0 <= b < 1 for b in tr.betas), "train.betas", tr.betas,
                  "two numbers in [0, 1)")

@@ -198,6 +198,15 @@ class DiT(_Transformer):
             self.num_tokens, cfg.hidden_size, cfg.mlp_ratio)
         return ModelOutput(out=out, cost=Cost(block_passes=cfg.depth, macs=macs))
 
+    def training_macs(self, batch: int) -> float:
+        """Multiply-accumulates of one training step on ``batch`` samples, counted as 3x the forward (the
+        backward costs about two forwards): the unit in which :mod:`fixedpoint_diffusion.experiment` gives FPDM
+        and DiT equal training compute."""
+        cfg = self.config
+        forward = self._shared_macs(batch) + batch * cfg.depth * _block_macs(self.num_tokens, cfg.hidden_size,
+                                                                             cfg.mlp_ratio)
+        return 3.0 * forward
+
 
 _BACKWARDS = ("stochastic_jfb", "jfb", "implicit")
 
@@ -335,6 +344,29 @@ class FPDM(_Transformer):
         out = self._unpatchify(self.final_layer(h, c_explicit))  # (B, C_out, H, W)
         return ModelOutput(out=out, cost=self._cost(batch, sol.num_steps), z=sol.z, residual=sol.residual,
                            trace=sol.trace, solution=sol)
+
+    def training_macs(self, batch: int) -> float:
+        """Expected multiply-accumulates of one training step on ``batch`` samples.
+
+        Everything autograd records counts 3x its forward (the backward costs about two forwards); with
+        stochastic JFB the no-grad steps count once and both step counts take their expected values (the draws
+        are uniform), so the figure is the mean over steps, the same for every seed. JFB counts its with-grad
+        steps after ``max_steps`` no-grad ones; implicit differentiation counts ``max_steps`` forward steps and
+        as many vector-Jacobian products in backward (two forwards each; an estimate, the adjoint solve may
+        stop earlier or later).
+        """
+        cfg = self.config
+        per_step = self._cost(batch, 1).macs - self._cost(batch, 0).macs  # one application of the map
+        explicit = self._cost(batch, 0).macs  # embedders, pre/post blocks, projections, final layer
+        mode = self.backward_mode
+        if isinstance(mode, fp.StochasticJFB):
+            no_grad = (mode.min_no_grad + mode.max_no_grad) / 2
+            with_grad = (mode.min_with_grad + mode.max_with_grad) / 2
+        elif isinstance(mode, fp.JFB):
+            no_grad, with_grad = cfg.max_steps, mode.steps
+        else:
+            no_grad, with_grad = 0, cfg.max_steps
+        return 3.0 * explicit + per_step * (no_grad + 3.0 * with_grad)
 
     def _cost(self, batch: int, num_steps: int) -> Cost:
         cfg = self.config

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import os
 import re
 import shutil
@@ -333,11 +334,26 @@ class Trainer:
         loss.backward()
         if tr.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), tr.grad_clip)
+        lr = self.learning_rate(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             torch._foreach_lerp_(self._ema_params, self._params, 1.0 - tr.ema_decay)
         return torch.stack([loss.detach(), mse, vb, residual])
+
+    def learning_rate(self, step: int) -> float:
+        """The learning rate of optimizer step ``step`` (0-based): ``train.lr`` after a linear warm-up, constant
+        or cosine-decayed to ``min_lr_ratio * lr`` at ``max_steps``."""
+        tr = self.config.train
+        if step < tr.warmup_steps:
+            return tr.lr * (step + 1) / tr.warmup_steps
+        if tr.lr_schedule == "constant":
+            return tr.lr
+        span = max(1, tr.max_steps - tr.warmup_steps)
+        progress = min(1.0, (step - tr.warmup_steps) / span)
+        return tr.lr * (tr.min_lr_ratio + (1 - tr.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
     # --- checkpoints ------------------------------------------------------------------------------------------
 
