@@ -3,20 +3,21 @@ smoothing (Fig. 4), solution reuse (Fig. 6a) and the training backward mode (Tab
 
 Protocol:
 
-1. Train, on the embedded Shapes dataset (16x16 RGB, 8 classes), for the same measured wall time each
-   (``fixedpoint_diffusion.experiment.train_for``: seconds per step measured side by side, then steps =
-   allowance / seconds per step):
+1. Train, on the embedded Shapes dataset (16x16 RGB, 8 classes), for the same training compute each
+   (``fixedpoint_diffusion.experiment.train_equal_compute``: steps = multiply-accumulates allowed / the model's
+   training MACs per step, so the same seed trains the same steps on any machine):
 
-   * ``FPDM S-JFB``: the ``tiny`` config (FPDM-S/2 at width 96: 1 pre block, the fixed-point block, 1 post
-     block; stochastic JFB with n ~ U[0, 4] no-grad and m ~ U[1, 4] with-grad steps);
-   * ``DiT``: the ``tiny-dit`` config (6 blocks of the same width);
-   * ``FPDM JFB``: the same FPDM trained with 4 no-grad steps and a 1-step gradient;
-   * ``FPDM multi-step JFB``: 4 no-grad steps and a 4-step gradient.
+   * ``FPDM S-JFB``: the ``shapes-fpdm`` config of the shipped pair (FPDM-S/2 at width 96: 1 pre block, the
+     fixed-point block, 1 post block; stochastic JFB with n ~ U[0, 2] no-grad and m ~ U[1, 2] with-grad steps);
+   * ``DiT``: the ``shapes-dit`` config (6 blocks of the same width);
+   * ``FPDM JFB``: the same FPDM trained with 2 no-grad steps and a 1-step gradient;
+   * ``FPDM multi-step JFB``: 2 no-grad steps and a 2-step gradient.
 
-2. Score each model's EMA weights with a small classifier trained on Shapes
-   (``fixedpoint_diffusion.evaluation``): Fréchet distance (FD) and KID of its penultimate features against 2000
-   held-out real images, and the accuracy of the classifier on the class-conditional samples. Every
-   configuration samples the same classes from the same seeds (DDIM, eta = 0, no guidance).
+2. Score each model's EMA weights with the scoring protocol of ``fpdm demo``
+   (``fixedpoint_diffusion.experiment.score_settings``): the shipped Shapes classifier's Fréchet distance (FD) and
+   KID against 2000 held-out real images, and its accuracy on the class-conditional samples, each with a 95%
+   bootstrap interval. Every configuration samples the same classes from the same seeds (DDIM, eta = 0, no
+   guidance).
 
 Experiments (compute counted in transformer-block passes per image, the paper's footnote 4):
 
@@ -26,7 +27,7 @@ Experiments (compute counted in transformer-block passes per image, the paper's 
   solution;
 * ``backward``: the three FPDM training backward modes at that budget.
 
-    python benchmarks/quality.py                  # the documented run: 5 minutes of training per model
+    python benchmarks/quality.py                  # the documented run: 2.5e13 training MACs per model
     python benchmarks/quality.py --tiny           # smoke test at a toy size (about half a minute)
 
 Training runs are kept under ``--work`` (default ``benchmarks/results/quality-runs``) and resumed by a rerun, so
@@ -45,7 +46,8 @@ import torch
 
 import _common
 import fixedpoint_diffusion as fd
-from fixedpoint_diffusion.experiment import Scorer, train_for
+from fixedpoint_diffusion import pretrained
+from fixedpoint_diffusion.experiment import MICRO_MODEL, Scorer, Setting, score_settings, train_equal_compute
 from fixedpoint_diffusion.sample_cli import load_model
 
 
@@ -53,7 +55,7 @@ def make_configs(args) -> dict[str, fd.Config]:
     """The four training runs (see the module docstring)."""
     work = Path(args.work)
     if args.tiny:  # a toy size: 8x8 images, width 32 (the test suite's micro config)
-        base_model = {"input_size": 8, "in_channels": 3, "num_classes": 8, "hidden_size": 32, "num_heads": 2}
+        base_model = MICRO_MODEL
         fpdm_raw = {"model": {"name": "FPDM-S/2", **base_model, "max_no_grad": 2, "max_with_grad": 2},
                     "data": {"kind": "shapes", "image_size": 8, "num_samples": 256},
                     "train": {"global_batch_size": 16, "lr": 1e-3, "log_every": 10}}
@@ -61,10 +63,8 @@ def make_configs(args) -> dict[str, fd.Config]:
         dit_raw["model"] = {"name": "DiT-S/2", **base_model, "depth": 4}
         n = 2
     else:
-        fpdm_raw, dit_raw, n = "tiny", "tiny-dit", 4
-    # EMA over ~200 steps: the default 0.999 would still carry a quarter of the initial weights after the
-    # ~1500 steps a 5-minute CPU run reaches.
-    seed = [f"train.seed={args.seed}", "train.ema_decay=0.995"]
+        fpdm_raw, dit_raw, n = "shapes-fpdm", "shapes-dit", 2  # the shipped pair's configs and recipe
+    seed = [f"train.seed={args.seed}"]
     configs = {
         "FPDM S-JFB": fd.load_config(fpdm_raw, seed + [f"train.out_dir={work / 'fpdm-sjfb'}"]),
         "DiT": fd.load_config(dit_raw, seed + [f"train.out_dir={work / 'dit'}"]),
@@ -79,48 +79,44 @@ def make_configs(args) -> dict[str, fd.Config]:
 
 def run(args) -> dict:
     configs = make_configs(args)
-    plan, summaries = train_for(configs, args.minutes, device=args.device, plan_file=Path(args.work) / "plan.json",
-                                progress=not args.quiet)
+    summaries = train_equal_compute(configs, args.macs, device=args.device, progress=not args.quiet)
     image_size = next(iter(configs.values())).data.image_size
-    scorer = Scorer.build(image_size, args.work, num_reference=args.reference, seed=args.seed, device=args.device,
-                          classifier_steps=20 if args.tiny else 400)
+    if image_size == 16:  # the shipped classifier, as fpdm demo scores
+        scorer = Scorer.from_classifier(pretrained.classifier(args.device), num_reference=args.reference,
+                                        seed=args.seed)
+    else:
+        scorer = Scorer.build(image_size, args.work, num_reference=args.reference, seed=args.seed,
+                              device=args.device, classifier_steps=20)
     models = {name: load_model(Path(cfg.train.out_dir) / "ema", device=args.device) for name, cfg in configs.items()}
-    rows: list[dict] = []
-    done: dict[tuple, dict] = {}  # the same configuration in two experiments is sampled once
-
-    def score(experiment: str, model: str, budget: int, k: int | None = None, reuse: bool = True) -> dict:
-        net, diffusion = models[model]
-        key = (model, budget, k, reuse)
-        if key not in done:
-            done[key] = scorer.score(net, diffusion, num_samples=args.samples, batch_size=args.batch_size,
-                                     seed=args.seed, device=args.device, budget=budget, iters_per_step=k,
-                                     sampler="ddim", reuse=reuse)
-        result = done[key]
-        row = {"experiment": experiment, "model": model, "budget": budget, "iters_per_step": k, "reuse": reuse,
-               **result}
-        rows.append(row)
-        k_text = f"k={k:<2}" if k is not None else "    "
-        print(f"  {experiment:9} {model:20} budget {budget:4} {k_text} steps {row['num_steps']:3} "
-              f"reuse {'on ' if reuse else 'off'}  FD {row['fd']:8.3f}  KID {1e3 * row['kid']:8.2f}e-3  "
-              f"acc {row['accuracy']:.3f}  ({row['seconds']:.1f} s)", flush=True)
-        return row
-
-    main, fixed = args.budget_at, args.budget_at
+    plan: list[tuple[str, Setting]] = []
     for budget in args.budgets:
-        score("budget", "DiT", budget)
-        for k in args.budget_iters:
-            if budget // (2 + k) >= 1:
-                score("budget", "FPDM S-JFB", budget, k)
+        plan.append(("budget", Setting("DiT", budget)))
+        plan += [("budget", Setting("FPDM S-JFB", budget, k)) for k in args.budget_iters if budget // (2 + k) >= 1]
+    fixed = args.budget_at
     for k in args.smoothing_iters:
         if fixed // (2 + k) >= 1:
-            score("smoothing", "FPDM S-JFB", fixed, k)
+            plan.append(("smoothing", Setting("FPDM S-JFB", fixed, k)))
             if k in args.reuse_iters:
-                score("reuse", "FPDM S-JFB", fixed, k, reuse=False)
-    for model in ("FPDM JFB", "FPDM multi-step JFB"):
-        for k in args.backward_iters:
-            score("backward", model, main, k)
-    return {"plan": {"minutes": plan.minutes, "seconds_per_step": plan.seconds_per_step, "steps": plan.steps},
-            "training": {name: {"steps": s.step, "train_seconds": s.train_seconds,
+                plan.append(("reuse", Setting("FPDM S-JFB", fixed, k, reuse=False)))
+    plan += [("backward", Setting(model, fixed, k)) for model in ("FPDM JFB", "FPDM multi-step JFB")
+             for k in args.backward_iters]
+    unique = list({setting.key: setting for _, setting in plan}.values())  # sampled once, even if in two experiments
+
+    def report(setting: Setting, row: dict) -> None:
+        k_text = f"k={setting.iters_per_step:<2}" if setting.iters_per_step is not None else "    "
+        print(f"  {setting.model:20} budget {setting.budget:4} {k_text} steps {row['num_steps']:3} "
+              f"reuse {'on ' if setting.reuse else 'off'}  FD {row['fd']:8.3f} [{row['fd_ci'][0]:.2f}, "
+              f"{row['fd_ci'][1]:.2f}]  acc {row['accuracy']:.3f}  ({row['seconds']:.1f} s)", flush=True)
+
+    scored = score_settings(models, unique, scorer, num_samples=args.samples, seed=args.seed, device=args.device,
+                            folder=args.work, on_result=report)
+    rows = [{"experiment": experiment, "model": setting.model, "budget": setting.budget,
+             "iters_per_step": setting.iters_per_step, "reuse": setting.reuse,
+             **{k: v for k, v in scored[setting.key].items() if k not in ("features", "correct", "fd_resampled",
+                                                                         "model", "budget", "iters_per_step",
+                                                                         "reuse")}}
+            for experiment, setting in plan]
+    return {"training": {name: {"steps": s.step, "train_seconds": s.train_seconds, "macs": args.macs,
                                 "final_loss": (s.last_metrics or {}).get("loss"),
                                 "parameters": s.parameters} for name, s in summaries.items()},
             "classifier_accuracy": scorer.classifier.info.get("accuracy"), "rows": rows}
@@ -180,19 +176,22 @@ def plot(record: dict, out: Path) -> Path:
 
 
 def markdown(record: dict) -> str:
-    lines = ["| experiment | model | budget | k | steps | reuse | FD | KID (x1e3) | class accuracy |",
+    lines = ["| experiment | model | budget | k | steps | reuse | FD [95% CI] | KID (x1e3) | accuracy [95% CI] |",
              "|---|---|---:|---:|---:|---|---:|---:|---:|"]
     for r in record["rows"]:
         lines.append(f"| {r['experiment']} | {r['model']} | {r['budget']} | {r['iters_per_step'] or '-'} | "
-                     f"{r['num_steps']} | {'on' if r['reuse'] else 'off'} | {r['fd']:.3f} | "
-                     f"{1e3 * r['kid']:.2f} ± {1e3 * r['kid_std']:.2f} | {r['accuracy']:.3f} |")
+                     f"{r['num_steps']} | {'on' if r['reuse'] else 'off'} | {r['fd']:.3f} [{r['fd_ci'][0]:.2f}, "
+                     f"{r['fd_ci'][1]:.2f}] | {1e3 * r['kid']:.2f} ± {1e3 * r['kid_std']:.2f} | {r['accuracy']:.3f} "
+                     f"[{r['accuracy_ci'][0]:.2f}, {r['accuracy_ci'][1]:.2f}] |")
     return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--minutes", type=float, default=None, help="training wall time per model (default 5; tiny 0.05)")
+    p.add_argument("--macs", type=float, default=None,
+                   help="training multiply-accumulates per model (default 2.5e13, about 10 CPU minutes for the "
+                        "DiT; tiny 2e9)")
     p.add_argument("--samples", type=int, default=None, help="samples per configuration (default 500; tiny 32)")
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--reference", type=int, default=2000, help="real images for the reference features")
@@ -210,17 +209,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     if args.tiny:
-        args.minutes = args.minutes or 0.05
+        args.macs = args.macs or 2e9
         args.samples = args.samples or 32
         args.budgets = args.budgets or [12, 24]
         args.budget_at = args.budget_at or 12
         args.reference = min(args.reference, 200)
         args.budget_iters, args.smoothing_iters, args.reuse_iters, args.backward_iters = [2], [1, 4], [1], [2]
-    args.minutes = args.minutes or 5.0
+    args.macs = args.macs or 2.5e13
     args.samples = args.samples or 500
     args.budgets = args.budgets or [24, 48, 96, 192]
     args.budget_at = args.budget_at or 96
-    for name in ("minutes", "samples", "batch_size", "reference", "budget_at"):
+    for name in ("macs", "samples", "batch_size", "reference", "budget_at"):
         if not getattr(args, name) > 0:
             p.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     if args.samples < 2:
@@ -238,7 +237,7 @@ def main(argv: list[str] | None = None) -> dict:
                   **result)
     print(f"\n{record['device_name']}; {record['date']}; classifier test accuracy "
           f"{record['classifier_accuracy']:.3f}")
-    print("training (equal measured time): " + ", ".join(
+    print("training (equal compute): " + ", ".join(
         f"{name} {t['steps']} steps" for name, t in record["training"].items()))
     print(markdown(record))
     _common.write(record, args.out)

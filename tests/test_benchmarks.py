@@ -84,7 +84,13 @@ def test_quality_benchmark_tiny(tmp_path, capsys):
     experiments = {(r["experiment"], r["model"]) for r in stored["rows"]}
     assert experiments == {("budget", "DiT"), ("budget", "FPDM S-JFB"), ("smoothing", "FPDM S-JFB"),
                            ("reuse", "FPDM S-JFB"), ("backward", "FPDM JFB"), ("backward", "FPDM multi-step JFB")}
-    assert stored["plan"]["steps"] == {name: t["steps"] for name, t in stored["training"].items()}
+    from fixedpoint_diffusion.experiment import training_steps
+
+    quality = _load("quality")
+    configs = quality.make_configs(quality.parse_args(["--tiny", "--work", str(tmp_path / "runs")]))
+    assert training_steps(configs, 2e9) == {name: t["steps"] for name, t in stored["training"].items()}
+    assert all(r["fd_ci"][0] <= r["fd_ci"][1] and r["accuracy_ci"][0] <= r["accuracy"] <= r["accuracy_ci"][1]
+               for r in stored["rows"])
     for row in result["rows"]:
         assert row["block_passes"] <= row["budget"] and np.isfinite(row["fd"]) and row["num"] == 32
         if row["iters_per_step"]:
