@@ -101,3 +101,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Input errors: one clear line, no traceback.
         print(f"fpdm {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except FloatingPointError as err:  # training diverged: stopped without writing non-finite weights
+        print(f"fpdm {args.command}: error: {err}", file=sys.stderr)
+        return 1

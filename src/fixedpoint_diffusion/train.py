@@ -166,6 +166,33 @@ def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
     return found[-1] if found else None
 
 
+def _newest_readable_checkpoint(out_dir: Path) -> tuple[Path, dict[str, Any]]:
+    """The newest checkpoint that loads. One that does not (truncated by a crash, empty, not a checkpoint) is
+    renamed ``*.unreadable`` (kept for inspection, out of the way of resume and pruning) with a message naming it;
+    raises ``ValueError`` naming every file if none loads."""
+    folder = Path(out_dir) / "checkpoints"
+    failures = []
+    for path in sorted((p for p in folder.iterdir() if _CKPT.match(p.name)), reverse=True):
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            if not (isinstance(ckpt, dict) and {"step", "model", "ema", "optimizer"} <= set(ckpt)):
+                raise ValueError("not a training checkpoint (missing step/model/ema/optimizer)")
+        except Exception as err:  # noqa: BLE001 - any unreadable file is reported and skipped the same way
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            failures.append(f"{path.name} ({reason})")
+            if _rank_zero():
+                path.rename(path.with_name(path.name + ".unreadable"))
+                print(f"checkpoint {path} cannot be read ({reason}); renamed to {path.name}.unreadable, resuming "
+                      "from the next newest", file=sys.stderr, flush=True)
+            continue
+        return path, ckpt
+    raise ValueError(f"no checkpoint in {folder} can be read: {'; '.join(failures)}")
+
+
+def _rank_zero() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def _save_atomic(obj: Any, path: Path) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     with open(tmp, "wb") as fh:
@@ -233,7 +260,7 @@ class Trainer:
                                   f"train.out_dir")
         self.checkpoint = None
         if self.checkpoint_path is not None:
-            self.checkpoint = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
+            self.checkpoint_path, self.checkpoint = _newest_readable_checkpoint(self.out_dir)
             self._check_checkpoint(self.checkpoint)
         self._setup_done = False
 
@@ -382,6 +409,39 @@ class Trainer:
             dist.barrier()
         return path
 
+    def _non_finite(self, first_bad: torch.Tensor, last_ckpt: Path | None) -> None:
+        step = int(first_bad)
+        where = f"at step {step}" if step > 0 else f"by step {self.step} (the weights are no longer finite)"
+        kept = (f"the last good checkpoint ({last_ckpt.name if last_ckpt else latest_checkpoint(self.out_dir)}) and "
+                "ema/ were left as they were" if latest_checkpoint(self.out_dir) else "no checkpoint was written")
+        raise FloatingPointError(f"the training loss became non-finite {where}; stopped, and {kept}. Lower "
+                                 "train.lr, set train.grad_clip, or check the data")
+
+    def _repair_run_folder(self) -> None:
+        """Undo what a kill can leave behind, before the run continues: temporaries of checkpoint and EMA
+        writes, an ``ema/`` older than the checkpoint resumed from (or missing, after a kill between the two
+        renames that swap it), and log lines of the steps after that checkpoint (they are trained again)."""
+        folder = self.out_dir / "checkpoints"
+        if folder.is_dir():
+            for tmp in folder.glob("step-*.pt.tmp*"):
+                tmp.unlink()
+        shutil.rmtree(self.out_dir / "ema.tmp", ignore_errors=True)
+        if self.checkpoint_path is None:
+            return
+        step_file = self.out_dir / "ema" / "training_step.json"
+        ema_step = json.loads(step_file.read_text()).get("step") if step_file.is_file() else None
+        if ema_step != self.step:
+            self._save_ema()
+        shutil.rmtree(self.out_dir / "ema.old", ignore_errors=True)
+        log = self.out_dir / "log.jsonl"
+        if log.is_file():
+            lines = log.read_text().splitlines()
+            kept = [line for line in lines if line.strip() and _log_step(line) <= self.step]
+            if len(kept) != len(lines):
+                tmp = log.with_name(log.name + ".tmp")
+                tmp.write_text("".join(line + "\n" for line in kept))
+                os.replace(tmp, log)
+
     def _save_ema(self) -> None:
         final, tmp, old = self.out_dir / "ema", self.out_dir / "ema.tmp", self.out_dir / "ema.old"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -410,6 +470,7 @@ class Trainer:
         if is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=1))
+            self._repair_run_folder()
         log = open(self.out_dir / "log.jsonl", "a") if is_main else None  # noqa: SIM115 - closed in finally
         board = _tensorboard(self.out_dir) if is_main else None
         sampler = _StepBatches(len(self.dataset), tr.global_batch_size, self.rank, self.world, tr.seed, start,
@@ -422,6 +483,7 @@ class Trainer:
                    dynamic_ncols=True)
         parameters = sum(p.numel() for p in self.model.parameters())
         sums = torch.zeros(4, device=self.device)
+        first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
         count, interval_start, t0 = 0, time.perf_counter(), time.perf_counter()
         last_metrics, last_ckpt, interrupted, time_up = None, None, False, False
         limit_s, base_seconds = 60 * tr.max_minutes, self.train_seconds
@@ -434,7 +496,10 @@ class Trainer:
                     if limit_s and base_seconds >= limit_s:  # a resumed run whose time was already spent
                         time_up = True
                         break
-                    sums += self._train_step(x, y, self.step)
+                    stats = self._train_step(x, y, self.step)
+                    sums += stats
+                    # The first non-finite step, recorded on the device (no host sync per step).
+                    first_bad = torch.where((first_bad < 0) & ~torch.isfinite(stats[0]), self.step + 1, first_bad)
                     self.step += 1
                     self.train_seconds = base_seconds + time.perf_counter() - t0
                     count += 1
@@ -444,6 +509,8 @@ class Trainer:
                     over = bool(limit_s) and self.train_seconds >= limit_s
                     if log_now or ((stop.requested or over) and self.world == 1):
                         metrics = self._reduce(sums, count, time.perf_counter() - interval_start)
+                        if not math.isfinite(metrics["loss"]):  # all-reduced: every rank stops here alike
+                            self._non_finite(first_bad, last_ckpt)
                         sums.zero_()
                         count, interval_start = 0, time.perf_counter()
                         last_metrics = metrics
@@ -464,6 +531,8 @@ class Trainer:
                     else:
                         stopping = False
                     if self.step % tr.checkpoint_every == 0 or self.step == tr.max_steps or stopping:
+                        if not _all_finite(self._params):  # never overwrite a good checkpoint or ema/ with NaN
+                            self._non_finite(first_bad, last_ckpt)
                         ckpt = last_ckpt = self.save_checkpoint()
                     if is_main:
                         for hook in self.hooks:
@@ -499,6 +568,17 @@ class Trainer:
         loss, mse, vb, residual = values.tolist()
         return {"loss": loss, "mse": mse, "vb": vb, "residual": residual,
                 "steps_per_s": count / seconds if seconds > 0 else 0.0}
+
+
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    return bool(torch.stack([t.isfinite().all() for t in tensors]).all())
+
+
+def _log_step(line: str) -> float:
+    try:
+        return json.loads(line).get("step", float("inf"))
+    except json.JSONDecodeError:  # a line cut short by a kill
+        return float("inf")
 
 
 def _any_rank(flags: list[bool], device: torch.device) -> list[bool]:
