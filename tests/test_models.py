@@ -217,7 +217,7 @@ def test_bad_construction_and_call_options():
         tiny(input_size=12)
     with pytest.raises(ValueError, match="max_steps must be an int >= 1"):
         tiny(max_steps=0)
-    with pytest.raises(ValueError, match="rtol must be a number >= 0"):
+    with pytest.raises(ValueError, match="rtol must be a finite number >= 0"):
         tiny(rtol=-1.0)
     model = tiny()
     x_t, t, y = batch()

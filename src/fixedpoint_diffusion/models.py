@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +64,11 @@ class ModelOutput:
     solution: fp.Solution | None = None
 
 
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= minimum):
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
 def _block_macs(tokens: int, dim: int, mlp_ratio: float) -> int:
     """MACs of one DiT block for one sample: qkv, QK^T, AV, proj, MLP, and the adaLN projection of ``c``."""
     hidden = int(dim * mlp_ratio)
@@ -86,7 +92,20 @@ class _Transformer(ModelMixin, ConfigMixin):
         return block(h, c)
 
     def _build_shared(self, input_size: int, patch_size: int, in_channels: int, hidden_size: int, num_classes: int,
-                      learn_sigma: bool) -> None:
+                      learn_sigma: bool, num_heads: int, mlp_ratio: float) -> None:
+        for name, value in (("input_size", input_size), ("patch_size", patch_size), ("in_channels", in_channels),
+                            ("hidden_size", hidden_size), ("num_classes", num_classes), ("num_heads", num_heads)):
+            _check_int(name, value, 1)
+        if not isinstance(learn_sigma, bool):
+            raise ValueError(f"learn_sigma must be a bool, got {learn_sigma!r}")
+        if not (isinstance(mlp_ratio, (int, float)) and not isinstance(mlp_ratio, bool) and math.isfinite(mlp_ratio)
+                and mlp_ratio > 0):
+            raise ValueError(f"mlp_ratio must be a finite number > 0, got {mlp_ratio!r}")
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+        if hidden_size % 4:
+            raise ValueError(f"hidden_size must be a multiple of 4 (the 2-D sin-cos position embedding), got "
+                             f"{hidden_size}")
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
@@ -177,7 +196,9 @@ class DiT(_Transformer):
                  depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0, num_classes: int = 1000,
                  learn_sigma: bool = True) -> None:
         super().__init__()
-        self._build_shared(input_size, patch_size, in_channels, hidden_size, num_classes, learn_sigma)
+        _check_int("depth", depth, 1)
+        self._build_shared(input_size, patch_size, in_channels, hidden_size, num_classes, learn_sigma, num_heads,
+                           mlp_ratio)
         self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
         self._init_weights(list(self.blocks))
 
@@ -248,9 +269,15 @@ class FPDM(_Transformer):
         if backward not in _BACKWARDS:
             raise ValueError(f"backward must be one of {list(_BACKWARDS)}, got {backward!r}")
         for name, value in (("pre_depth", pre_depth), ("post_depth", post_depth)):
-            if not (isinstance(value, int) and value >= 0):
-                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-        self._build_shared(input_size, patch_size, in_channels, hidden_size, num_classes, learn_sigma)
+            _check_int(name, value, 0)
+        if not (isinstance(max_steps, int) and not isinstance(max_steps, bool) and max_steps >= 1):
+            raise ValueError(f"max_steps must be an int >= 1, got {max_steps!r}")
+        for name, value in (("rtol", rtol), ("atol", atol)):
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                    and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        self._build_shared(input_size, patch_size, in_channels, hidden_size, num_classes, learn_sigma, num_heads,
+                           mlp_ratio)
         self.blocks_pre = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(pre_depth))
         self.block_pre_projection = nn.Linear(hidden_size, hidden_size)
         self.block_fixed_point_projection_fc1 = nn.Linear(2 * hidden_size, 2 * hidden_size)
@@ -270,11 +297,6 @@ class FPDM(_Transformer):
             self.backward_mode = fp.JFB(steps=jfb_steps)
         else:
             self.backward_mode = fp.Implicit()
-        if not (isinstance(max_steps, int) and max_steps >= 1):
-            raise ValueError(f"max_steps must be an int >= 1, got {max_steps!r}")
-        for name, value in (("rtol", rtol), ("atol", atol)):
-            if not (isinstance(value, (int, float)) and value >= 0):
-                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
         self.generator: torch.Generator | None = None
 
     def fixed_point_map(self, x_inj: torch.Tensor, c: torch.Tensor):

@@ -15,6 +15,7 @@ batches (see :func:`batches_for_rank`), sharding a job over processes gives bit-
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -154,18 +155,21 @@ def plan(model: Any = None, *, budget: int | None = None, iters_per_step: int | 
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     custom = None
     if not isinstance(allocation, str):
-        custom = [int(k) for k in allocation]
-        if not custom or any(k < 1 for k in custom):
-            raise ValueError(f"a custom allocation must be a non-empty list of iteration counts >= 1, got "
-                             f"{list(allocation)!r}")
+        custom = list(allocation) if isinstance(allocation, (list, tuple)) else None
+        if not custom or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in custom):
+            raise ValueError(f"allocation must be a name or a non-empty list of ints >= 1 (iterations per "
+                             f"timestep), got {allocation!r}")
+        if iters_per_step is not None:
+            raise ValueError(f"a custom allocation sets every timestep's iterations; iters_per_step="
+                             f"{iters_per_step} would be ignored: give one of them")
         allocation_name = "custom"
     elif allocation in ALLOCATIONS:
         allocation_name = allocation
     else:
         raise ValueError(f"allocation must be one of {list(ALLOCATIONS)} or a list of per-timestep iterations, "
                          f"got {allocation!r}")
-    if not ratio >= 1:
-        raise ValueError(f"ratio must be >= 1, got {ratio!r}")
+    if not (isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and math.isfinite(ratio) and ratio >= 1):
+        raise ValueError(f"ratio must be a finite number >= 1, got {ratio!r}")
 
     if not fixed_point:
         if explicit is None:
@@ -363,8 +367,17 @@ def sample(model: Any, class_labels: torch.Tensor | Sequence[int] | None, *, dif
         raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
     if guidance_channels not in ("all", "official_3"):
         raise ValueError(f"guidance_channels must be 'all' or 'official_3', got {guidance_channels!r}")
-    if not eta >= 0:
-        raise ValueError(f"eta must be >= 0, got {eta!r}")
+    for name, value, minimum in (("eta", eta, 0.0), ("guidance_scale", guidance_scale, None)):
+        if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                and (minimum is None or value >= minimum)):
+            raise ValueError(f"{name} must be a finite number{'' if minimum is None else ' >= 0'}, got {value!r}")
+    if not (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**63):
+        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+    if device is not None:
+        device = torch.device(device)
+        if device.type == "meta" or (device.type == "cuda" and not torch.cuda.is_available()):
+            raise ValueError(f"device {str(device)!r} cannot run sampling"
+                             + (" (CUDA is not available)" if device.type == "cuda" else ""))
     num_classes = getattr(cfg, "num_classes", None)
     if device is None:
         param = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
@@ -376,7 +389,10 @@ def sample(model: Any, class_labels: torch.Tensor | Sequence[int] | None, *, dif
             raise ValueError("class_labels=None needs a model with config.num_classes (its null class)")
         labels = torch.full((num_samples,), num_classes, dtype=torch.long)
     else:
-        labels = torch.as_tensor(class_labels, dtype=torch.long).flatten()
+        raw = torch.as_tensor(class_labels)
+        if raw.is_floating_point() or raw.is_complex() or raw.dtype == torch.bool:
+            raise ValueError(f"class_labels must be integer class indices, got {raw.dtype} values")
+        labels = raw.to(torch.long).flatten()
         if labels.numel() == 0:
             raise ValueError("class_labels is empty")
         if num_classes is not None and (labels.min() < 0 or labels.max() >= num_classes):
