@@ -21,9 +21,21 @@ def default_device(device: str | torch.device | None = None) -> torch.device:
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device is None:
         return torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        return torch.device(f"cuda:{local}")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device {device!r} is not a device torch knows (e.g. 'cpu', 'cuda', 'cuda:1')") from err
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r}: CUDA is not available on this machine (use 'cpu')")
+        if device.index is None:
+            return torch.device(f"cuda:{local}")
+        if device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {str(device)!r}: MPS is not available on this machine (use 'cpu')")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device {str(device)!r} cannot run training or sampling here (use 'cpu' or 'cuda')")
     return device
 
 
@@ -39,3 +51,19 @@ def init_distributed(device: torch.device) -> int:
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank() if dist.is_initialized() else 0
+
+
+def check_writable_folder(path: str | os.PathLike, what: str) -> None:
+    """Raise ``FileExistsError``/``PermissionError`` naming ``what`` when ``path`` cannot become a writable
+    folder (it is a file, lies under a file, or its nearest existing parent is not writable). Nothing is
+    created."""
+    from pathlib import Path
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{what} {str(path)!r} is a file, not a folder")
+    parent = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    if not parent.is_dir():
+        raise FileExistsError(f"{what} {str(path)!r}: {str(parent)!r} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"{what} {str(path)!r}: {str(parent)!r} is not writable")

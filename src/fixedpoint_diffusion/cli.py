@@ -4,6 +4,7 @@ and ``fpdm configs``."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -19,7 +20,7 @@ def _train(args: argparse.Namespace) -> int:
         config.train.out_dir = args.out
         config.validate()
     summary = train(config, resume=args.resume, device=args.device, progress=not args.no_progress)
-    if summary.out_dir is not None:
+    if summary.out_dir is not None and int(os.environ.get("RANK", "0")) == 0:  # under torchrun: rank 0 only
         print(summary)
     return 130 if summary.interrupted else 0
 
@@ -94,10 +95,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # `fpdm train` takes section.key=value overrides anywhere on the line, as users type them
+        if args.command == "train" and all("=" in e and "." in e.split("=")[0] and not e.startswith("-")
+                                           for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as err:
         # Input errors: one clear line, no traceback.
         print(f"fpdm {args.command}: error: {err}", file=sys.stderr)
         return 2

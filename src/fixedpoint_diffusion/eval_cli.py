@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from ._runtime import check_writable_folder
+
 __all__ = ["add_parser", "evaluate"]
 
 
@@ -31,8 +33,11 @@ def _side(path: str, extract, what: str) -> tuple[Any, np.ndarray | None]:
 
     p = Path(path)
     if p.is_file() and p.suffix == ".npz":
-        with np.load(p) as f:
-            stats_only = "mu" in f and "sigma" in f and "arr_0" not in f
+        try:
+            with np.load(p) as f:
+                stats_only = "mu" in f and "sigma" in f and "arr_0" not in f
+        except (OSError, EOFError, ValueError) as err:
+            raise ValueError(f"{what}: {p} is not a readable .npz ({str(err).splitlines()[0]})") from None
         if stats_only:
             return FeatureStats.load(p), None
     if not p.exists():
@@ -71,6 +76,14 @@ def evaluate(first: str, second: str | None, *, inception: str | None = None, pr
     for name, path in (("first", first), ("second", second)):  # before loading any network
         if path is not None and not Path(path).exists():
             raise FileNotFoundError(f"{name} image set: {path}: no such file or folder")
+    if save_stats is not None:
+        target = Path(save_stats).resolve()
+        inputs = [Path(p).resolve() for p in (first, second) if p is not None]
+        if target in inputs:
+            raise FileExistsError(f"--save-stats {save_stats!r} is one of the inputs: it would be replaced")
+        if target.exists():
+            raise FileExistsError(f"--save-stats {save_stats!r} already exists; choose another file")
+        check_writable_folder(target.parent, "--save-stats")
     predictions: list[np.ndarray] = []  # the classifier's, per side in order
     if inception is not None:
         from .inception import inception_features, load_inception
@@ -111,6 +124,11 @@ def evaluate(first: str, second: str | None, *, inception: str | None = None, pr
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.out:  # before any compute
+        parent = Path(args.out).resolve().parent
+        if not parent.is_dir():
+            raise FileNotFoundError(f"--out {args.out!r}: the folder {str(parent)!r} does not exist")
+        check_writable_folder(parent, "--out")
     result = evaluate(args.first, args.second, inception=args.inception, preprocess=args.preprocess,
                       classifier=args.classifier, batch_size=args.batch_size, device=args.device,
                       kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size,

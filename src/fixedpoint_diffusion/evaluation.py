@@ -79,8 +79,13 @@ class FeatureStats:
         with np.load(path) as f:
             if "mu" not in f or "sigma" not in f:
                 raise ValueError(f"{path}: a statistics file needs arrays 'mu' and 'sigma', found {sorted(f.files)}")
-            return cls(f["mu"].astype(np.float64), f["sigma"].astype(np.float64),
-                       int(f["num"]) if "num" in f else -1)
+            stats = cls(f["mu"].astype(np.float64), f["sigma"].astype(np.float64),
+                        int(f["num"]) if "num" in f else -1)
+        if not (np.isfinite(stats.mu).all() and np.isfinite(stats.sigma).all()):
+            raise ValueError(f"{path}: the statistics hold non-finite values")
+        if stats.mu.ndim != 1 or stats.sigma.shape != (stats.mu.shape[0],) * 2:
+            raise ValueError(f"{path}: mu must be (D,) and sigma (D, D), got {stats.mu.shape} and {stats.sigma.shape}")
+        return stats
 
 
 def _as_features(x: np.ndarray | torch.Tensor, what: str) -> np.ndarray:
@@ -185,12 +190,20 @@ def load_images(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None]
                 raise ValueError(f"{file}: size {arrays[-1].shape[:2]} differs from {files[0]}'s "
                                  f"{arrays[0].shape[:2]}; all images must have the same size")
         return np.stack(arrays), None
-    with np.load(path) as f:
-        if "arr_0" not in f:
-            raise ValueError(f"{path}: an image .npz needs 'arr_0' (uint8 N x H x W x 3), found {sorted(f.files)}")
-        images, labels = f["arr_0"], f.get("arr_1")
+    try:
+        with np.load(path) as f:
+            if "arr_0" not in f:
+                raise ValueError(f"{path}: an image .npz needs 'arr_0' (uint8 N x H x W x 3), found "
+                                 f"{sorted(f.files)}")
+            images, labels = f["arr_0"], f.get("arr_1")
+    except (OSError, EOFError, ValueError) as err:
+        if str(path) in str(err):
+            raise
+        raise ValueError(f"{path}: not a readable .npz of images ({str(err).splitlines()[0]})") from None
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"{path}: arr_0 must be uint8 of shape (N, H, W, 3), got {images.dtype} {images.shape}")
+    if labels is not None and (labels.ndim != 1 or len(labels) != len(images)):
+        raise ValueError(f"{path}: arr_1 must hold one label per image ({len(images)}), got shape {labels.shape}")
     return images, labels
 
 
@@ -257,7 +270,10 @@ class ShapesClassifier(nn.Module):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such classifier file")
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - any unreadable file gets the same one-line message
+            raise ValueError(f"{path}: not a ShapesClassifier file ({str(err).splitlines()[0]})") from None
         if not (isinstance(blob, dict) and {"config", "state_dict"} <= set(blob)):
             raise ValueError(f"{path}: not a ShapesClassifier file (expected keys 'config' and 'state_dict')")
         model = cls(**blob["config"])

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._runtime import default_device, init_distributed, seed_from, world_size
+from ._runtime import check_writable_folder, default_device, init_distributed, seed_from, world_size
 
 __all__ = ["add_parser", "load_model", "run"]
 
@@ -46,6 +46,8 @@ def add_parser(sub: Any) -> None:
                    help="reuse each timestep's fixed-point solution to start the next (default on)")
     p.add_argument("--device", default=None)
     p.add_argument("--dry-run", action="store_true", help="print the schedule and its cost, run nothing")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the results of an earlier run in --out (refused otherwise)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
@@ -57,7 +59,10 @@ def _model_class(folder: Path):
     if not config_path.is_file():
         raise FileNotFoundError(f"--model {str(folder)!r}: no config.json (give a run's ema/ folder or a "
                                 f"save_pretrained folder)")
-    name = json.loads(config_path.read_text()).get("_class_name")
+    try:
+        name = json.loads(config_path.read_text()).get("_class_name")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+        raise ValueError(f"--model {str(folder)!r}: {config_path.name} is not a JSON object ({err})") from None
     classes = {"FPDM": FPDM, "DiT": DiT}
     if name not in classes:
         raise ValueError(f"--model {str(folder)!r}: config.json names class {name!r}, expected FPDM or DiT")
@@ -73,7 +78,15 @@ def load_model(folder: str | os.PathLike, *, weights: bool = True, device: str |
     folder = Path(folder)
     cls = _model_class(folder)
     if weights:
-        model = cls.from_pretrained(folder, low_cpu_mem_usage=False).to(device).eval()
+        files = [f for f in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+                 if (folder / f).is_file()]
+        if not files:
+            raise FileNotFoundError(f"--model {str(folder)!r}: no weights (diffusion_pytorch_model.safetensors)")
+        try:
+            model = cls.from_pretrained(folder, low_cpu_mem_usage=False).to(device).eval()
+        except (OSError, RuntimeError, EnvironmentError) as err:
+            raise ValueError(f"--model {str(folder)!r}: the weights in {files[0]} cannot be read "
+                             f"({str(err).splitlines()[0]})") from None
     else:
         with torch.device("meta"):
             model = cls.from_config(cls.load_config(folder))
@@ -101,7 +114,15 @@ def run(args: argparse.Namespace) -> int:
 
     allocation: Any = args.allocation
     if "," in allocation or allocation.isdigit():
-        allocation = [int(k) for k in allocation.split(",")]
+        parts = [k.strip() for k in allocation.split(",")]
+        if not all(k.isdigit() for k in parts):
+            raise ValueError(f"--allocation must be constant, increasing, decreasing, adaptive or comma-separated "
+                             f"iteration counts, got {args.allocation!r}")
+        allocation = [int(k) for k in parts]
+    device = default_device(args.device)  # refused here, before anything is loaded or written
+    out = Path(args.out)
+    if not args.dry_run:
+        _check_out(out, args.overwrite)
     model, diffusion = load_model(args.model, weights=False)
     schedule = plan(model, budget=args.budget, iters_per_step=args.iters, num_steps=args.num_steps,
                     allocation=allocation, ratio=args.ratio, tol=args.tol, num_train_timesteps=diffusion.num_timesteps)
@@ -131,7 +152,6 @@ def run(args: argparse.Namespace) -> int:
     from .pipeline import decode_latents, to_uint8
 
     world = world_size()
-    device = default_device(args.device)
     rank = init_distributed(device)
     model, diffusion = load_model(args.model, device=device)
     diffusion.to(device)
@@ -142,7 +162,10 @@ def run(args: argparse.Namespace) -> int:
         vae = AutoencoderKL.from_pretrained(args.vae, subfolder=args.vae_subfolder, local_files_only=True,
                                             low_cpu_mem_usage=False)
         vae = vae.to(device).eval()
-    out = Path(args.out)
+    if rank == 0 and args.overwrite:
+        _clear_results(out)
+    if dist.is_initialized():
+        dist.barrier()
     (out / "samples").mkdir(parents=True, exist_ok=True)
     from .sampling import batches_for_rank
 
@@ -173,6 +196,27 @@ def run(args: argparse.Namespace) -> int:
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0
+
+
+_RESULTS = ("samples", "samples.npz", "grid.png", "diagnostics.json", "residuals.png")
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an output folder that cannot be written, or that holds an earlier run's results (unless
+    ``--overwrite``), before any compute."""
+    check_writable_folder(out, "--out")
+    found = [name for name in _RESULTS if (out / name).exists()]
+    if found and not overwrite:
+        raise FileExistsError(f"--out {str(out)!r} already holds results ({', '.join(found)}); choose another "
+                              "folder or pass --overwrite to replace them")
+
+
+def _clear_results(out: Path) -> None:
+    import shutil
+
+    shutil.rmtree(out / "samples", ignore_errors=True)
+    for name in _RESULTS[1:]:
+        (out / name).unlink(missing_ok=True)
 
 
 def _finish(out: Path, args, schedule, world: int) -> None:

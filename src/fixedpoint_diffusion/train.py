@@ -38,7 +38,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from ._runtime import default_device, init_distributed, seed_from, world_size
+from ._runtime import check_writable_folder, default_device, init_distributed, seed_from, world_size
 from .config import Config, ConfigError
 from .data import ImageFolder, LatentDataset, Shapes
 from .diffusion import Diffusion
@@ -232,6 +232,7 @@ class Trainer:
             raise ConfigError(f"train.global_batch_size={tr.global_batch_size} must be divisible by the number of "
                               f"processes ({self.world})")
         self.out_dir = Path(tr.out_dir)
+        check_writable_folder(self.out_dir, "train.out_dir")
 
         # Data (checks the folder, emptiness and latent shapes) and its fit with the model.
         self.dataset = build_dataset(config)

@@ -1,0 +1,145 @@
+"""The ``fpdm`` command refuses bad input in one line with exit code 2, before the expensive part, and never
+overwrites what is already written."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from fixedpoint_diffusion import pretrained
+from fixedpoint_diffusion.cli import main as fpdm
+
+
+def _error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+@pytest.fixture
+def model_copy(tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(pretrained.path("shapes-fpdm"), folder)
+    return folder
+
+
+@pytest.mark.parametrize("command", ["train", "sample", "demo"])
+@pytest.mark.parametrize("device", ["tpu", "cuda"])
+def test_unusable_devices(command, device, tmp_path, capsys):
+    if device == "cuda":
+        pytest.importorskip("torch")
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("CUDA is available here")
+    argv = {"train": ["train", "--config", "tiny", "--out", str(tmp_path / "run")],
+            "sample": ["sample", "--model", str(pretrained.path("shapes-fpdm")), "--budget", "12", "--iters", "2",
+                       "--out", str(tmp_path / "run")],
+            "demo": ["demo", "--quick", "--out", str(tmp_path / "run")]}[command]
+    assert fpdm([*argv, "--device", device]) == 2
+    assert "device" in _error(capsys) and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("command", ["train", "sample"])
+def test_out_under_a_file(command, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    out = str(tmp_path / "file" / "run")
+    argv = {"train": ["train", "--config", "tiny", "--out", out],
+            "sample": ["sample", "--model", str(pretrained.path("shapes-fpdm")), "--budget", "12", "--iters", "2",
+                       "--out", out]}[command]
+    assert fpdm(argv) == 2
+    assert "is a file" in _error(capsys)
+
+
+def test_sample_refuses_an_out_folder_with_results_and_overwrite_clears_stale_files(tmp_path, capsys):
+    out = tmp_path / "out"
+    base = ["sample", "--model", str(pretrained.path("shapes-dit")), "--budget", "12", "--sampler", "ddim",
+            "--no-progress", "--out", str(out)]
+    assert fpdm([*base, "--num-samples", "6"]) == 0
+    assert len(list((out / "samples").iterdir())) == 6
+    assert fpdm([*base, "--num-samples", "3"]) == 2
+    assert "already holds results" in _error(capsys) and len(list((out / "samples").iterdir())) == 6
+    assert fpdm([*base, "--num-samples", "3", "--overwrite"]) == 0
+    assert len(list((out / "samples").iterdir())) == 3  # no stale PNGs from the larger run
+    with np.load(out / "samples.npz") as f:
+        assert f["arr_0"].shape[0] == 3
+
+
+@pytest.mark.parametrize("damage, match", [("config", "not a JSON object"), ("no-weights", "no weights"),
+                                           ("truncated", "cannot be read")])
+def test_sample_names_a_broken_model_folder(model_copy, damage, match, tmp_path, capsys):
+    weights = model_copy / "diffusion_pytorch_model.safetensors"
+    if damage == "config":
+        (model_copy / "config.json").write_text("{not json")
+    elif damage == "no-weights":
+        weights.unlink()
+    else:
+        weights.write_bytes(weights.read_bytes()[:1000])
+    assert fpdm(["sample", "--model", str(model_copy), "--budget", "12", "--iters", "2", "--out",
+                 str(tmp_path / "o"), "--no-progress"]) == 2
+    assert match in _error(capsys)
+
+
+def test_sample_refuses_a_nan_guidance_scale(tmp_path, capsys):
+    assert fpdm(["sample", "--model", str(pretrained.path("shapes-dit")), "--budget", "12", "--cfg-scale", "nan",
+                 "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert "guidance_scale" in _error(capsys)
+
+
+@pytest.fixture
+def images(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "a.npz"
+    np.savez(path, arr_0=rng.integers(0, 255, (20, 16, 16, 3), dtype=np.uint8), arr_1=np.arange(20) % 8)
+    return path
+
+
+def test_eval_save_stats_never_replaces_an_input(images, tmp_path, capsys):
+    before = images.read_bytes()
+    classifier = str(pretrained.path("shapes-classifier") / "classifier.pt")
+    assert fpdm(["eval", str(images), str(images), "--classifier", classifier, "--save-stats", str(images)]) == 2
+    assert "one of the inputs" in _error(capsys) and images.read_bytes() == before
+
+
+def test_eval_refuses_labels_that_do_not_match_the_images(tmp_path, capsys):
+    path = tmp_path / "b.npz"
+    np.savez(path, arr_0=np.zeros((20, 16, 16, 3), np.uint8), arr_1=np.array([3]))
+    classifier = str(pretrained.path("shapes-classifier") / "classifier.pt")
+    assert fpdm(["eval", str(path), str(path), "--classifier", classifier]) == 2
+    assert "one label per image" in _error(capsys)
+
+
+def test_eval_refuses_statistics_holding_nan(images, tmp_path, capsys):
+    stats = tmp_path / "stats.npz"
+    np.savez(stats, mu=np.full(128, np.nan), sigma=np.eye(128))
+    classifier = str(pretrained.path("shapes-classifier") / "classifier.pt")
+    assert fpdm(["eval", str(images), str(stats), "--classifier", classifier]) == 2
+    assert "non-finite" in _error(capsys)
+
+
+@pytest.mark.parametrize("what", ["garbage-npz", "not-a-classifier", "out-in-missing-folder"])
+def test_eval_names_the_bad_file(what, images, tmp_path, capsys):
+    classifier = str(pretrained.path("shapes-classifier") / "classifier.pt")
+    first, extra = str(images), []
+    if what == "garbage-npz":
+        (tmp_path / "g.npz").write_bytes(b"garbage")
+        first = str(tmp_path / "g.npz")
+    elif what == "not-a-classifier":
+        (tmp_path / "c.pt").write_bytes(b"garbage")
+        classifier = str(tmp_path / "c.pt")
+    else:
+        extra = ["--out", str(tmp_path / "missing" / "r.json")]
+    assert fpdm(["eval", first, str(images), "--classifier", classifier, *extra]) == 2
+    line = _error(capsys)
+    assert {"garbage-npz": "g.npz", "not-a-classifier": "c.pt", "out-in-missing-folder": "missing"}[what] in line
+
+
+def test_train_overrides_are_accepted_anywhere_on_the_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert fpdm(["train", "--config", "tiny", "--no-progress", "train.max_steps=1", "--out", str(out),
+                 "train.global_batch_size=4", "data.num_samples=8", "model.hidden_size=32", "model.num_heads=2"]) == 0
+    assert json.loads((out / "config.json").read_text())["train"]["max_steps"] == 1
+    with pytest.raises(SystemExit) as exit_info:  # an unknown option is still an error
+        fpdm(["train", "--config", "tiny", "--bogus", "train.max_steps=1"])
+    assert exit_info.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
