@@ -344,3 +344,26 @@ def test_fpdm_sample_under_torchrun_equals_one_process(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     with np.load(tmp_path / "one" / "samples.npz") as one, np.load(tmp_path / "two" / "samples.npz") as two:
         assert np.array_equal(one["arr_0"], two["arr_0"]) and np.array_equal(one["arr_1"], two["arr_1"])
+
+
+def test_pipeline_takes_diffusers_arguments_with_defaults():
+    from fixedpoint_diffusion import pretrained
+
+    model, diffusion = pretrained.load("shapes-fpdm")
+    pipe = fd.FPDMPipeline(transformer=model, scheduler=fd.scheduler_from_diffusion(diffusion),
+                           id2label=dict(enumerate(fd.Shapes.classes)))
+    labels = pipe.get_label_ids(["disc-warm", "cross-cool"])
+    assert labels == [0, 7]
+    out = pipe(labels, num_inference_steps=5, generator=torch.Generator().manual_seed(1), output_type="np")
+    assert out.images.shape == (2, 16, 16, 3) and out.result.schedule.num_steps == 5
+    assert out.result.schedule.iterations == (2,) * 5  # the FPDM default: 2 iterations per timestep
+    again = pipe(labels, num_inference_steps=5, generator=torch.Generator().manual_seed(1), output_type="np",
+                 return_dict=False)
+    assert isinstance(again, tuple) and np.array_equal(again[0], out.images)  # the generator seeds the noise
+    assert pipe(labels, output_type="np").result.schedule.num_steps == 50  # no budget, no steps: 50 timesteps
+    by_budget = pipe(labels, budget=24, iters_per_step=2, output_type="np", guidance_scale=2.0)
+    assert by_budget.result.block_passes <= 24
+    with pytest.raises(TypeError, match="FPDMPipeline got unexpected argument"):
+        pipe(labels, num_images_per_prompt=2)
+    with pytest.raises(ValueError, match="FPDMPipeline.get_label_ids: unknown label"):
+        pipe.get_label_ids("tabby")

@@ -3,6 +3,7 @@ optional ``AutoencoderKL`` for latent models; ``save_pretrained``/``from_pretrai
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -90,34 +91,95 @@ class FPDMPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "transformer->vae"
     _optional_components = ["vae"]  # noqa: RUF012 - diffusers' class attribute
 
-    def __init__(self, transformer, scheduler, vae=None) -> None:
+    def __init__(self, transformer, scheduler, vae=None, id2label: dict[int | str, str] | None = None) -> None:
         super().__init__()
         self.register_modules(transformer=transformer, scheduler=scheduler, vae=vae)
+        self.labels: dict[str, int] = {}
+        for key, names in (id2label or {}).items():
+            for name in str(names).split(","):  # "tabby, tabby cat" -> both names
+                self.labels[name.strip()] = int(key)
+
+    def get_label_ids(self, label: str | Sequence[str]) -> list[int]:
+        """Class indices of class names (as diffusers' ``DiTPipeline.get_label_ids``); the names come from the
+        ``id2label`` given at construction."""
+        names = [label] if isinstance(label, str) else list(label)
+        unknown = [n for n in names if n not in self.labels]
+        if unknown:
+            known = ", ".join(sorted(self.labels)) or "none: pass id2label= when building the pipeline"
+            raise ValueError(f"FPDMPipeline.get_label_ids: unknown label(s) {unknown}; known: {known}")
+        return [self.labels[n] for n in names]
 
     def decode(self, samples: torch.Tensor) -> torch.Tensor:
         """Samples -> images in [-1, 1]: through the VAE for a latent model, unchanged for a pixel model."""
         return samples if self.vae is None else decode_latents(self.vae, samples)
 
     @torch.no_grad()
-    def __call__(self, class_labels: Sequence[int] | torch.Tensor | None = None, *, num_samples: int | None = None,
-                 output_type: str = "pil", **kwargs: Any) -> FPDMPipelineOutput:
-        """Sample and decode. ``kwargs`` go to :func:`~fixedpoint_diffusion.sampling.sample` (``budget``,
-        ``iters_per_step``, ``num_steps``, ``allocation``, ``sampler``, ``guidance_scale``, ``reuse``, ``seed``,
-        ...). ``output_type``: ``"pil"``, ``"np"`` (uint8), ``"pt"`` (decoded, [-1, 1]) or ``"latent"``."""
+    def __call__(self, class_labels: Sequence[int] | torch.Tensor | None = None, *,
+                 num_inference_steps: int | None = None, guidance_scale: float = 1.0,
+                 generator: torch.Generator | None = None, output_type: str = "pil", return_dict: bool = True,
+                 num_samples: int | None = None, budget: int | None = None, iters_per_step: int | None = None,
+                 seed: int | None = None, **sampling: Any) -> FPDMPipelineOutput | tuple:
+        """Sample and decode, with diffusers' argument names.
+
+        Args:
+            class_labels: class indices (see :meth:`get_label_ids`), or ``None`` with ``num_samples`` for an
+                unconditional model.
+            num_inference_steps: timesteps. With neither this nor ``budget``: 50 timesteps, and for an FPDM
+                ``iters_per_step`` 2 unless given.
+            guidance_scale: classifier-free guidance (1: off).
+            generator: a ``torch.Generator`` from which the seed is drawn (sample ``i``'s noise then depends only
+                on that seed and ``i``, so sharded runs agree); or give ``seed``. Default: seed 0.
+            output_type: ``"pil"``, ``"np"`` (uint8), ``"pt"`` (decoded, [-1, 1]) or ``"latent"``.
+            return_dict: ``False`` returns ``(images,)``.
+            budget, iters_per_step: the compute budget (block passes per image) and FPDM's iterations per timestep,
+                as in :func:`~fixedpoint_diffusion.plan`.
+            sampling: other :func:`~fixedpoint_diffusion.sample` options (``allocation``, ``sampler``, ``eta``,
+                ``reuse``, ``guidance_channels``, ``tol``, ``ratio``, ``indices``, ``progress``).
+
+        Raises:
+            TypeError: an argument this pipeline does not take (named).
+        """
+        unknown = sorted(set(sampling) - _SAMPLE_OPTIONS)
+        if unknown:
+            raise TypeError(f"FPDMPipeline got unexpected argument(s) {unknown}; it takes class_labels, "
+                            f"num_inference_steps, guidance_scale, generator, output_type, return_dict, num_samples, "
+                            f"budget, iters_per_step, seed and {sorted(_SAMPLE_OPTIONS)}")
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
+        if generator is not None and seed is not None:
+            raise ValueError("give generator or seed, not both")
+        if generator is not None:
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+        if "num_steps" in sampling:  # sample()'s name for it
+            if num_inference_steps is not None:
+                raise ValueError("give num_inference_steps or num_steps, not both")
+            num_inference_steps = sampling.pop("num_steps")
+        if "schedule" not in sampling:
+            fixed_point = "num_steps" in inspect.signature(self.transformer.forward).parameters
+            if budget is None and num_inference_steps is None:
+                num_inference_steps = 50
+            custom = not isinstance(sampling.get("allocation", "constant"), str)
+            if fixed_point and iters_per_step is None and not custom and (budget is None or num_inference_steps is None):
+                iters_per_step = 2
         diffusion = diffusion_from_scheduler(self.scheduler).to(self.device)
         self.transformer.eval()
         result = sample(self.transformer, class_labels, diffusion=diffusion, num_samples=num_samples,
-                        device=self.device, **kwargs)
+                        device=self.device, budget=budget, iters_per_step=iters_per_step,
+                        num_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed or 0, **sampling)
         if output_type == "latent":
-            return FPDMPipelineOutput(images=result.samples, result=result)
-        images = self.decode(result.samples)
-        if output_type == "pt":
-            return FPDMPipelineOutput(images=images, result=result)
-        arr = to_uint8(images)
-        if output_type == "np":
-            return FPDMPipelineOutput(images=arr, result=result)
-        from PIL import Image
+            images: Any = result.samples
+        else:
+            images = self.decode(result.samples)
+            if output_type in ("np", "pil"):
+                images = to_uint8(images)
+            if output_type == "pil":
+                from PIL import Image
 
-        return FPDMPipelineOutput(images=[Image.fromarray(a) for a in arr], result=result)
+                images = [Image.fromarray(a) for a in images]
+        if not return_dict:
+            return (images,)
+        return FPDMPipelineOutput(images=images, result=result)
+
+
+_SAMPLE_OPTIONS = frozenset({"allocation", "sampler", "eta", "reuse", "guidance_channels", "tol", "ratio", "indices",
+                             "progress", "schedule", "num_steps"})
