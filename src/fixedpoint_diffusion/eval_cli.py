@@ -8,7 +8,7 @@ when a side is statistics only.
 
     fpdm eval samples.npz imagenet-ref.npz --inception pt_inception-2015-12-05-6726825d.pth
     fpdm eval real-folder/ --inception pt_inception-2015-12-05-6726825d.pth --save-stats ref-stats.npz
-    fpdm eval demo/fpdm/budget-96/samples.npz demo/reference.npz --classifier demo/classifier.pt
+    fpdm eval samples/samples.npz shapes --classifier shapes   # embedded dataset: its reference, shipped classifier
 """
 
 from __future__ import annotations
@@ -24,13 +24,27 @@ import numpy as np
 
 from ._runtime import check_writable_folder
 
-__all__ = ["add_parser", "evaluate"]
+__all__ = ["SHAPES_REFERENCE", "add_parser", "evaluate"]
+
+#: Give this as an image set for the embedded Shapes dataset's held-out real images, and as ``--classifier`` for
+#: the classifier shipped with the package.
+SHAPES_REFERENCE = "shapes"
 
 
-def _side(path: str, extract, what: str) -> tuple[Any, np.ndarray | None]:
-    """(features or FeatureStats, labels) of one side."""
+def _side(path: str, extract, what: str, image_size: int | None = None) -> tuple[Any, np.ndarray | None]:
+    """(features or FeatureStats, labels) of one side; ``"shapes"`` is the embedded dataset's held-out
+    reference (2000 real images at the classifier's size)."""
     from .evaluation import FeatureStats, load_images
 
+    if path == SHAPES_REFERENCE:
+        from .data import Shapes
+        from .experiment import HELD_OUT_SEED
+        from .pipeline import to_uint8
+
+        if image_size is None:
+            raise ValueError(f"{what}: the {SHAPES_REFERENCE!r} reference needs --classifier (its image size)")
+        real = Shapes(2000, image_size, seed=HELD_OUT_SEED)
+        return extract(to_uint8(real.images)), real.labels.numpy()
     p = Path(path)
     if p.is_file() and p.suffix == ".npz":
         try:
@@ -74,7 +88,7 @@ def evaluate(first: str, second: str | None, *, inception: str | None = None, pr
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     for name, path in (("first", first), ("second", second)):  # before loading any network
-        if path is not None and not Path(path).exists():
+        if path is not None and path != SHAPES_REFERENCE and not Path(path).exists():
             raise FileNotFoundError(f"{name} image set: {path}: no such file or folder")
     if save_stats is not None:
         target = Path(save_stats).resolve()
@@ -95,7 +109,12 @@ def evaluate(first: str, second: str | None, *, inception: str | None = None, pr
 
         metric = "fid"
     else:
-        net = ShapesClassifier.load(classifier, device)
+        if classifier == SHAPES_REFERENCE:
+            from . import pretrained
+
+            net = pretrained.classifier(device or "cpu")
+        else:
+            net = ShapesClassifier.load(classifier, device)
 
         def extract(images: np.ndarray) -> np.ndarray:
             feats, predicted = classifier_features(net, images, batch_size=batch_size)
@@ -103,7 +122,8 @@ def evaluate(first: str, second: str | None, *, inception: str | None = None, pr
             return feats
 
         metric = "fd"
-    a, labels_a = _side(first, extract, "first image set")
+    size = None if inception is not None else net.config["image_size"]
+    a, labels_a = _side(first, extract, "first image set", size)
     result: dict[str, Any] = {"features": "inception" if inception else "shapes-classifier"}
     if save_stats is not None:
         if isinstance(a, FeatureStats):
@@ -111,7 +131,7 @@ def evaluate(first: str, second: str | None, *, inception: str | None = None, pr
         FeatureStats.from_features(a).save(save_stats)
         result["saved_stats"] = str(save_stats)
     if second is not None:
-        b, _ = _side(second, extract, "second image set")
+        b, _ = _side(second, extract, "second image set", size)
         result[metric] = frechet_distance(a, b)
         result["num_first"] = a.num if isinstance(a, FeatureStats) else int(a.shape[0])
         result["num_second"] = b.num if isinstance(b, FeatureStats) else int(b.shape[0])
@@ -164,15 +184,16 @@ def add_parser(sub: Any) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="examples:\n" + __doc__.split("\n\n")[2])
     p.add_argument("first", help="images (.npz with arr_0, or a folder) or statistics (.npz with mu, sigma)")
-    p.add_argument("second", nargs="?", help="the set to compare with (same forms)")
+    p.add_argument("second", nargs="?", help="the set to compare with (same forms), or 'shapes': 2000 held-out real "
+                                             "images of the embedded dataset")
     p.add_argument("--inception", metavar="WEIGHTS",
                    help="local FID Inception weights: pytorch-fid's pt_inception-2015-12-05-6726825d.pth or "
                         "torch-fidelity's weights-inception-2015-12-05-6726825d.pth (never downloaded)")
     p.add_argument("--preprocess", choices=["pytorch-fid", "torch-fidelity"], default="pytorch-fid",
                    help="resize/normalisation for Inception: pytorch-fid's, or torch-fidelity's TF1-style one "
                         "(closer to ADM's TensorFlow evaluator)")
-    p.add_argument("--classifier", metavar="FILE", help="a small Shapes classifier (classifier.pt written by "
-                                                        "fpdm demo or benchmarks/quality.py)")
+    p.add_argument("--classifier", metavar="FILE", help="a small Shapes classifier file, or 'shapes' for the one "
+                                                        "shipped with the package (16x16)")
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--device", default=None, help="default: cpu")
     p.add_argument("--kid-subsets", type=int, default=100)
