@@ -143,3 +143,15 @@ def test_train_overrides_are_accepted_anywhere_on_the_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:  # an unknown option is still an error
         fpdm(["train", "--config", "tiny", "--bogus", "train.max_steps=1"])
     assert exit_info.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_extract_latents_names_a_vae_config_that_is_not_json(tmp_path, capsys):
+    from PIL import Image
+
+    (tmp_path / "images" / "a").mkdir(parents=True)
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "images" / "a" / "x.png")
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "config.json").write_text("{nope")
+    assert fpdm(["extract-latents", "--images", str(tmp_path / "images"), "--vae", str(tmp_path / "vae"),
+                 "--out", str(tmp_path / "latents"), "--image-size", "16"]) == 2
+    assert "config.json is not JSON" in _error(capsys) and not (tmp_path / "latents").exists()

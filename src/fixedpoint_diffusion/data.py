@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ._runtime import default_device, seed_from
+from ._runtime import check_writable_folder, default_device, seed_from
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageFolder", "LatentDataset", "Shapes", "extract_latents"]
 
@@ -299,9 +299,19 @@ def extract_latents(images: str | os.PathLike, vae: str | os.PathLike, out: str 
     if not (vae_path / (vae_subfolder or "") / "config.json").is_file():
         raise FileNotFoundError(f"vae {str(vae)!r}: no config.json{' in ' + vae_subfolder if vae_subfolder else ''}; "
                                 f"give a local AutoencoderKL folder (saved with save_pretrained)")
+    config_file = vae_path / (vae_subfolder or "") / "config.json"
+    try:
+        json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"vae {str(vae)!r}: {config_file} is not JSON ({err})") from None
     device = default_device(device)
-    model = AutoencoderKL.from_pretrained(vae_path, subfolder=vae_subfolder, local_files_only=True,
-                                          low_cpu_mem_usage=False).to(device).eval()
+    check_writable_folder(out, "out")
+    try:
+        model = AutoencoderKL.from_pretrained(vae_path, subfolder=vae_subfolder, local_files_only=True,
+                                              low_cpu_mem_usage=False).to(device).eval()
+    except (OSError, EnvironmentError) as err:
+        raise ValueError(f"vae {str(vae)!r}: cannot be loaded as an AutoencoderKL ({str(err).splitlines()[0]})") \
+            from None
     scaling = float(model.config.scaling_factor)
     shift = getattr(model.config, "shift_factor", None)
     out = Path(out)
