@@ -315,3 +315,14 @@ def test_the_optimizer_steps_with_the_scheduled_learning_rate(tmp_path):
 def test_bad_schedules_are_refused_naming_the_key(override, key):
     with pytest.raises(fd.ConfigError, match=key):
         fd.load_config("tiny", [override])
+
+
+def test_no_progress_prints_plain_lines_a_log_can_follow(tmp_path, capsys):
+    raw = micro_raw(tmp_path / "run")
+    raw["train"].update(max_steps=4, log_every=2)
+    fd.train(fd.load_config(raw), progress=False, log_lines=True)
+    lines = capsys.readouterr().out.splitlines()
+    assert "step 1/4" in lines[0] and "steps/s" in lines[0] and "left" in lines[0]  # the first step, at once
+    assert [line.split("] ")[1].split()[1] for line in lines if "loss" in line] == ["2/4", "4/4"]
+    fd.train(fd.load_config({**raw, "train": {**raw["train"], "out_dir": str(tmp_path / "quiet")}}), progress=False)
+    assert capsys.readouterr().out == ""  # the library stays quiet unless asked

@@ -19,7 +19,8 @@ def _train(args: argparse.Namespace) -> int:
     if args.out is not None:
         config.train.out_dir = args.out
         config.validate()
-    summary = train(config, resume=args.resume, device=args.device, progress=not args.no_progress)
+    summary = train(config, resume=args.resume, device=args.device, progress=not args.no_progress,
+                    log_lines=args.no_progress)
     if summary.out_dir is not None and int(os.environ.get("RANK", "0")) == 0:  # under torchrun: rank 0 only
         print(summary)
     return 130 if summary.interrupted else 0
@@ -56,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run folder (same as train.out_dir=...)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run folder")
     p.add_argument("--device", help="e.g. cpu, cuda:0 (default: cuda:LOCAL_RANK if available, else cpu)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar: plain lines instead (step, loss, speed, time left), for logs")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("extract-latents", help="encode an image folder into VAE latents for training",

@@ -219,12 +219,17 @@ class Trainer:
         device: default: ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU.
         hooks: callables run on rank 0 after each optimizer step with a :class:`TrainState`.
         progress: show a tqdm bar on rank 0.
+        log_lines: without a bar, print plain lines a log can follow on rank 0: the loss at every log step and
+            the first step, progress with speed and time left at least every 30 s, and when compilation starts
+            and ends (``fpdm train --no-progress``).
     """
 
     def __init__(self, config: Config, *, resume: bool = False, device: str | torch.device | None = None,
-                 hooks: Sequence[Callable[[TrainState], None]] = (), progress: bool = True) -> None:
+                 hooks: Sequence[Callable[[TrainState], None]] = (), progress: bool = True,
+                 log_lines: bool = False) -> None:
         config.validate()
         self.config, self.hooks, self.progress = config, list(hooks), progress
+        self.log_lines = log_lines and not progress
         tr = config.train
         self.world = world_size()
         self.device = default_device(device)
@@ -302,6 +307,7 @@ class Trainer:
         if tr.gradient_checkpointing:
             model.enable_gradient_checkpointing()
         if tr.compile:
+            self._say("compiling the transformer blocks (torch.compile): the first step includes the compilation")
             for module in model.modules():
                 if type(module).__name__ == "DiTBlock":
                     module.compile()
@@ -410,6 +416,23 @@ class Trainer:
             dist.barrier()
         return path
 
+    def _say(self, message: str) -> None:
+        if self.log_lines and _rank_zero():
+            print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+    def _progress_line(self, start: int, tr: Any, t0: float, last: float, first: bool) -> float:
+        """Every 30 s (and after the first step): step, speed, time left; returns when it last printed."""
+        now = time.perf_counter()
+        if not first and now - last < 30:
+            return last
+        done = self.step - start
+        rate = done / max(now - t0, 1e-9)
+        left = (tr.max_steps - self.step) / rate if rate > 0 else float("inf")
+        extra = " (compilation included)" if first and tr.compile else ""
+        self._say(f"step {self.step}/{tr.max_steps}  {rate:.2f} steps/s{extra}  about "
+                  f"{int(left // 60)} min {int(left % 60)} s left")
+        return now
+
     def _non_finite(self, first_bad: torch.Tensor, last_ckpt: Path | None) -> None:
         step = int(first_bad)
         where = f"at step {step}" if step > 0 else f"by step {self.step} (the weights are no longer finite)"
@@ -483,6 +506,7 @@ class Trainer:
         bar = tqdm(total=tr.max_steps, initial=start, desc="train", disable=not (is_main and self.progress),
                    dynamic_ncols=True)
         parameters = sum(p.numel() for p in self.model.parameters())
+        last_line = time.perf_counter()
         sums = torch.zeros(4, device=self.device)
         first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
         count, interval_start, t0 = 0, time.perf_counter(), time.perf_counter()
@@ -505,6 +529,8 @@ class Trainer:
                     self.train_seconds = base_seconds + time.perf_counter() - t0
                     count += 1
                     bar.update(1)
+                    if self.log_lines and is_main:
+                        last_line = self._progress_line(start, tr, t0, last_line, first=self.step == start + 1)
                     metrics, ckpt = None, None
                     log_now = self.step % tr.log_every == 0 or self.step == tr.max_steps
                     over = bool(limit_s) and self.train_seconds >= limit_s
@@ -517,6 +543,10 @@ class Trainer:
                         last_metrics = metrics
                         if is_main:
                             bar.set_postfix(loss=f"{metrics['loss']:.4f}", residual=f"{metrics['residual']:.3g}")
+                            if self.log_lines:
+                                self._say(f"step {self.step}/{tr.max_steps}  loss {metrics['loss']:.4f}  residual "
+                                          f"{metrics['residual']:.3g}  {metrics['steps_per_s']:.2f} steps/s")
+                                last_line = time.perf_counter()
                             log.write(json.dumps({"step": self.step, **metrics, "time": time.time()}) + "\n")
                             log.flush()
                             if board is not None:
@@ -623,10 +653,11 @@ class _StopFlag(contextlib.AbstractContextManager):
 
 
 def train(config: Config, *, resume: bool = False, device: str | torch.device | None = None,
-          hooks: Sequence[Callable[[TrainState], None]] = (), progress: bool = True) -> TrainSummary:
+          hooks: Sequence[Callable[[TrainState], None]] = (), progress: bool = True,
+          log_lines: bool = False) -> TrainSummary:
     """Train a model as ``config`` says (see :class:`Trainer` for the arguments); returns the run's
     :class:`TrainSummary`. Under ``torchrun``, call it in every process."""
-    trainer = Trainer(config, resume=resume, device=device, hooks=hooks, progress=progress)
+    trainer = Trainer(config, resume=resume, device=device, hooks=hooks, progress=progress, log_lines=log_lines)
     try:
         return trainer.run()
     finally:
