@@ -10,6 +10,9 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 @pytest.mark.parametrize("solver", ["iteration", "anderson", "broyden"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+# torch warns once per process that the sync debug mode is a prototype (H200 run, 2026-12-04: the suite's
+# warnings-as-errors turned that notice into a failure); a real synchronisation still raises RuntimeError.
+@pytest.mark.filterwarnings("ignore:Synchronization debug mode is a prototype feature:UserWarning")
 def test_fixed_step_solve_never_synchronises(solver, dtype):
     lin = torch.nn.Linear(64, 64, device="cuda", dtype=dtype)
     x = torch.randn(32, 64, device="cuda", dtype=dtype)
