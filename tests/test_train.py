@@ -278,10 +278,17 @@ def test_default_device_follows_local_rank(monkeypatch):
     from fixedpoint_diffusion._runtime import default_device
 
     monkeypatch.setenv("LOCAL_RANK", "3")
-    assert default_device("cuda") == torch.device("cuda:3")  # a bare "cuda" means this process's GPU
-    assert default_device("cuda:1") == torch.device("cuda:1") and default_device("cpu") == torch.device("cpu")
     expected = torch.device("cuda:3") if torch.cuda.is_available() else torch.device("cpu")
-    assert default_device(None) == expected
+    assert default_device(None) == expected and default_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a 4-GPU machine, as far as the mapping goes
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert default_device("cuda") == torch.device("cuda:3")  # a bare "cuda" means this process's GPU
+    assert default_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(ValueError, match="4 CUDA device"):
+        default_device("cuda:7")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        default_device("cuda")
 
 
 def test_learning_rate_schedules_follow_their_formulas(tmp_path):
