@@ -155,3 +155,18 @@ def test_extract_latents_names_a_vae_config_that_is_not_json(tmp_path, capsys):
     assert fpdm(["extract-latents", "--images", str(tmp_path / "images"), "--vae", str(tmp_path / "vae"),
                  "--out", str(tmp_path / "latents"), "--image-size", "16"]) == 2
     assert "config.json is not JSON" in _error(capsys) and not (tmp_path / "latents").exists()
+
+
+def test_sample_defaults_and_errors_in_the_commands_own_flags(tmp_path, capsys):
+    model = str(pretrained.path("shapes-fpdm"))
+    assert fpdm(["sample", "--model", model, "--dry-run"]) == 0
+    assert capsys.readouterr().out.startswith("50 timesteps, 200 block passes per image")  # 50 x (1 + 2 + 1)
+    assert fpdm(["sample", "--model", model, "--budget", "20", "--num-steps", "3", "--iters", "2", "--dry-run"]) == 2
+    line = _error(capsys)
+    assert "--budget, --iters and --num-steps" in line and "iters_per_step" not in line
+    assert fpdm(["sample", "--model", str(pretrained.path("shapes-dit")), "--budget", "12", "--sampler", "ddim",
+                 "--num-samples", "2", "--out", str(tmp_path / "o"), "--no-progress"]) == 0
+    assert "12 block passes per image spent" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        fpdm(["sample", "--help"])
+    assert "(default: 64)" in capsys.readouterr().out  # --num-samples

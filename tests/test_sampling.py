@@ -304,7 +304,7 @@ def test_fpdm_sample_command(tmp_path, capsys):
     with np.load(tmp_path / "again" / "samples.npz") as again:
         assert np.array_equal(again["arr_0"], first)
     for bad, message in ((["--budget", "3", "--iters", "3"], "too small"), (["--classes", "0,9"], "--classes"),
-                         (["--budget", "20", "--iters", "0"], "iters_per_step must be")):
+                         (["--budget", "20", "--iters", "0"], "--iters must be")):
         code = cli.main(["sample", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "x"),
                          "--num-samples", "1", *bad] + ([] if "--budget" in bad else ["--budget", "20", "--iters",
                                                                                        "2"]))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,20 +20,23 @@ __all__ = ["add_parser", "load_model", "run"]
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("sample", help="sample a trained model under a compute budget",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                        description="Sample a model folder (a run's ema/ folder, or any DiT/FPDM save_pretrained "
                                    "folder) under a budget of transformer-block passes per image. Writes "
                                    "samples/*.png, grid.png, samples.npz (arr_0: uint8 NHWC, arr_1: labels, the "
                                    "layout ADM's FID evaluator reads), diagnostics.json and residuals.png.")
     p.add_argument("--model", required=True, help="model folder (config.json + weights)")
     p.add_argument("--vae", default=None, help="local AutoencoderKL folder, for latent models")
-    p.add_argument("--vae-subfolder", default=None)
+    p.add_argument("--vae-subfolder", default=None, help="e.g. 'vae' for a pipeline folder")
     p.add_argument("--out", default="samples", help="output folder")
-    p.add_argument("--num-samples", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--num-samples", type=int, default=64, help="images to sample")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward")
     p.add_argument("--classes", default=None, help="comma-separated labels, cycled (default: random per sample)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--budget", type=int, default=None, help="block passes per image")
-    p.add_argument("--iters", type=int, default=None, help="fixed-point iterations per timestep")
+    p.add_argument("--seed", type=int, default=0, help="sample i's noise depends on (seed, i) only")
+    p.add_argument("--budget", type=int, default=None, help="block passes per image (with neither --budget nor "
+                                                             "--num-steps: 50 timesteps)")
+    p.add_argument("--iters", type=int, default=None,
+                   help="fixed-point iterations per timestep (FPDM; 2 when the schedule needs it)")
     p.add_argument("--num-steps", type=int, default=None, help="timesteps")
     p.add_argument("--allocation", default="constant",
                    help="constant, increasing, decreasing, adaptive, or comma-separated iterations per timestep")
@@ -44,11 +48,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--guidance-channels", choices=["all", "official_3"], default="all")
     p.add_argument("--reuse", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse each timestep's fixed-point solution to start the next (default on)")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="e.g. cpu, cuda:1 (None: cuda:LOCAL_RANK if available, else cpu)")
     p.add_argument("--dry-run", action="store_true", help="print the schedule and its cost, run nothing")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the results of an earlier run in --out (refused otherwise)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
@@ -124,8 +128,21 @@ def run(args: argparse.Namespace) -> int:
     if not args.dry_run:
         _check_out(out, args.overwrite)
     model, diffusion = load_model(args.model, weights=False)
-    schedule = plan(model, budget=args.budget, iters_per_step=args.iters, num_steps=args.num_steps,
-                    allocation=allocation, ratio=args.ratio, tol=args.tol, num_train_timesteps=diffusion.num_timesteps)
+    budget, iters, num_steps = args.budget, args.iters, args.num_steps
+    if budget is None and num_steps is None:  # the documented default: 50 timesteps (FPDM: 2 iterations each)
+        num_steps = 50
+    fixed_point = "num_steps" in __import__("inspect").signature(model.forward).parameters
+    if fixed_point and iters is None and not isinstance(allocation, list) and (budget is None or num_steps is None):
+        iters = 2
+    try:
+        schedule = plan(model, budget=budget, iters_per_step=iters, num_steps=num_steps, allocation=allocation,
+                        ratio=args.ratio, tol=args.tol, num_train_timesteps=diffusion.num_timesteps)
+    except ValueError as err:  # in the command's own words
+        message = str(err)
+        for name, flag in (("iters_per_step", "--iters"), ("num_steps", "--num-steps"), ("budget", "--budget"),
+                           ("allocation", "--allocation"), ("ratio", "--ratio"), ("tol", "--tol")):
+            message = re.sub(rf"(?<![\w-]){name}(?=[ =,]|$)" if "_" not in name else rf"\b{name}\b", flag, message)
+        raise ValueError(message) from None
     num_classes = model.config.num_classes
     if args.classes:
         bad = [c for c in args.classes.split(",") if not (c.strip().isdigit() and int(c) < num_classes)]
@@ -191,7 +208,10 @@ def run(args: argparse.Namespace) -> int:
         if residual_runs and residual_runs[0].residuals is not None:
             plot_residuals({f"reuse={'on' if args.reuse else 'off'} (first batch)": residual_runs[0]},
                            str(out / "residuals.png"))
-        print(f"{args.num_samples} samples in {out} ({schedule.block_passes} block passes per image, "
+        spent = sum(r.block_passes * r.samples.shape[0] for r in residual_runs) / max(
+            1, sum(r.samples.shape[0] for r in residual_runs))
+        planned = "" if spent == schedule.block_passes else f" of the {schedule.block_passes} allowed"
+        print(f"{args.num_samples} samples in {out} ({spent:g} block passes per image spent{planned}, "
               f"{schedule.num_steps} timesteps)")
     if dist.is_initialized():
         dist.destroy_process_group()
