@@ -13,16 +13,18 @@ it with ``fixedpoint_diffusion.sample`` (with solution reuse, DDIM by default) a
 * the measured sampling time;
 * the fixed-point residual Delta_t of every timestep (the last iteration's change relative to the state's norm,
   mean over the samples);
-* with ``--score``: quality on the embedded Shapes data with the small classifier that stands in for Inception
-  (``fixedpoint_diffusion.experiment.Scorer``): Fréchet distance (FD), KID and class accuracy.
+* with ``--score``: quality on the embedded Shapes data by the scoring protocol of ``fpdm demo``
+  (``fixedpoint_diffusion.experiment``: the shipped classifier that stands in for Inception, the held-out real
+  images): Fréchet distance (FD), KID and class accuracy, each with a 95% bootstrap interval.
 
-The model is ``--model``, an EMA folder written by ``fpdm train`` (e.g. ``runs/tiny/ema``); without it the
-``tiny`` config is trained first into ``--work`` (``--train-steps`` steps, resumed if the folder already holds
-that run). Results go to a JSON file (``--out``), a figure beside it (residual and quality against the budget, one
+The model is ``--model``, an EMA folder written by ``fpdm train`` (e.g. ``runs/tiny/ema``); without it, the
+FPDM shipped with the package (``fixedpoint_diffusion.pretrained``, ``shapes-fpdm``); ``--tiny`` trains a micro
+model into ``--work`` instead (``--train-steps`` steps, resumed if the folder already holds that run).
+Results go to a JSON file (``--out``), a figure beside it (residual and quality against the budget, one
 line per allocation and k) and a markdown table on stdout.
 
-Measured (2026-12-01, ``python examples/budget_sweep.py --score`` with its defaults: the ``tiny`` config trained
-600 steps, 128 samples per setting, DDIM, seed 0; on 2 CPU cores shared with other jobs, torch on 1 thread):
+Measured (2026-12-01, before the shipped pair existed: the ``tiny`` config trained 600 steps, 128 samples per
+setting, DDIM, seed 0; on 2 CPU cores shared with other jobs, torch on 1 thread):
 
 * **Smoothing trades residual for timesteps.** At 96 passes (constant), k = 2, 4, 8 give 24, 16, 9 timesteps and
   a mean Delta_t of 0.071, 0.020 and 0.0017.
@@ -39,7 +41,7 @@ Measured (2026-12-01, ``python examples/budget_sweep.py --score`` with its defau
   at small scale.
 * **Time follows the block passes:** 1.7-3 s per setting at 24 passes, 7-12 s at 96 (128 images).
 
-    python examples/budget_sweep.py --score                        # trains `tiny` (minutes), then sweeps
+    python examples/budget_sweep.py --score                        # the shipped FPDM
     python examples/budget_sweep.py --model runs/tiny/ema --budgets 48 96 --iters 2 4 --score
     python examples/budget_sweep.py --tiny --score                 # a micro model, seconds (the test suite's run)
 """
@@ -61,15 +63,16 @@ import numpy as np
 import torch
 
 import fixedpoint_diffusion as fd
+from fixedpoint_diffusion import pretrained
 from fixedpoint_diffusion.evaluation import classifier_features, evaluate_samples, train_classifier
-from fixedpoint_diffusion.experiment import Scorer
+from fixedpoint_diffusion.experiment import HELD_OUT_SEED, MICRO_MODEL, Scorer, bootstrap
+from fixedpoint_diffusion.pipeline import to_uint8
 from fixedpoint_diffusion.sample_cli import load_model
 from fixedpoint_diffusion.sampling import ALLOCATIONS
 
 # The micro model of --tiny: 8x8 images, width 32, the test suite's size (tests/micro.py).
 MICRO_CONFIG: dict[str, Any] = {
-    "model": {"name": "FPDM-S/2", "input_size": 8, "in_channels": 3, "num_classes": 8, "hidden_size": 32,
-              "num_heads": 2, "max_no_grad": 2, "max_with_grad": 2},
+    "model": {"name": "FPDM-S/2", **MICRO_MODEL, "max_no_grad": 2, "max_with_grad": 2},
     "data": {"kind": "shapes", "image_size": 8, "num_samples": 256},
     "train": {"global_batch_size": 8, "lr": 1e-3, "ema_decay": 0.9, "log_every": 10},
 }
@@ -78,7 +81,8 @@ MICRO_CONFIG: dict[str, Any] = {
 # ------------------------------------------------------------------------------------------------------ model ---
 
 def trained_model(args: argparse.Namespace, device: torch.device) -> tuple[fd.FPDM, fd.Diffusion, dict | None]:
-    """The model to sweep: ``--model``, or the ``tiny`` (``--tiny``: micro) config trained into ``--work``.
+    """The model to sweep: ``--model``, the shipped ``shapes-fpdm``, or (``--tiny``) the micro config trained
+    into ``--work``.
 
     Returns:
         ``(model in eval mode, its diffusion schedule, a training record or None)``.
@@ -86,45 +90,42 @@ def trained_model(args: argparse.Namespace, device: torch.device) -> tuple[fd.FP
     Raises:
         KeyboardInterrupt: training was stopped by Ctrl-C/SIGTERM (after writing a checkpoint; rerun to resume).
     """
-    training = None
-    folder = args.model
-    if folder is None:
-        run_dir = Path(args.work) / ("micro" if args.tiny else "tiny")
-        # The shipped tiny config keeps EMA 0.999, which after a few hundred steps still holds most of the initial
-        # weights; 0.995 averages over about the last 200 steps (benchmarks/quality.py does the same).
-        overrides = [f"train.max_steps={args.train_steps}", f"train.seed={args.seed}",
-                     f"train.out_dir={run_dir}", f"train.checkpoint_every={args.train_steps}"]
-        config = fd.load_config(MICRO_CONFIG if args.tiny else "tiny",
-                                overrides + ([] if args.tiny else ["train.ema_decay=0.995"]))
-        resume = fd.latest_checkpoint(run_dir) is not None  # a finished run resumes to no steps at all
-        print(f"training {'the micro model' if args.tiny else 'tiny'} for {args.train_steps} steps into {run_dir}"
-              f"{' (resumed)' if resume else ''}", flush=True)
-        summary = fd.train(config, resume=resume, device=device, progress=not args.tiny)
-        if summary.interrupted:
-            raise KeyboardInterrupt(f"training was interrupted at step {summary.step}; run again to resume")
-        training = {"run_dir": str(run_dir), "steps": summary.step, "train_seconds": summary.train_seconds,
-                    "final_loss": (summary.last_metrics or {}).get("loss")}
-        folder = run_dir / "ema"
-    model, diffusion = load_model(folder, device=device)
+    if args.model is not None:
+        model, diffusion = load_model(args.model, device=device)
+        return model, diffusion, None
+    if not args.tiny:
+        model, diffusion = pretrained.load("shapes-fpdm", device=device)
+        return model, diffusion, {"shipped": "shapes-fpdm", **{k: pretrained.provenance("shapes-fpdm").get(k)
+                                                              for k in ("steps", "training_macs", "command")}}
+    run_dir = Path(args.work) / "micro"
+    overrides = [f"train.max_steps={args.train_steps}", f"train.seed={args.seed}", f"train.out_dir={run_dir}",
+                 f"train.checkpoint_every={args.train_steps}"]
+    config = fd.load_config(MICRO_CONFIG, overrides)
+    resume = fd.latest_checkpoint(run_dir) is not None  # a finished run resumes to no steps at all
+    print(f"training the micro model for {args.train_steps} steps into {run_dir}{' (resumed)' if resume else ''}",
+          flush=True)
+    summary = fd.train(config, resume=resume, device=device, progress=False)
+    if summary.interrupted:
+        raise KeyboardInterrupt(f"training was interrupted at step {summary.step}; run again to resume")
+    training = {"run_dir": str(run_dir), "steps": summary.step, "train_seconds": summary.train_seconds,
+                "final_loss": (summary.last_metrics or {}).get("loss")}
+    model, diffusion = load_model(run_dir / "ema", device=device)
     return model, diffusion, training
 
 
 def build_scorer(args: argparse.Namespace, image_size: int, device: torch.device) -> Scorer:
-    """The small Shapes classifier and the features of held-out real images (cached in ``--work``); at
-    ``--tiny`` a few classifier steps on a small training set, which is enough to exercise the metrics."""
+    """The scoring protocol of ``fpdm demo``: the shipped classifier and 2000 held-out real images at 16 px; at
+    ``--tiny`` (8 px) a few classifier steps on a small training set, enough to exercise the metrics."""
+    if image_size == 16:
+        return Scorer.from_classifier(pretrained.classifier(device), seed=args.seed)
     if not args.tiny:
         return Scorer.build(image_size, args.work, seed=args.seed, device=device)
     classifier, accuracy = train_classifier(image_size, steps=10, batch_size=64, num_train=640, num_test=128,
                                             seed=args.seed, device=device)
     classifier.info = {"accuracy": accuracy}
-    real = fd.Shapes(128, image_size, seed=3_000_017 + args.seed)  # neither training nor classifier data
+    real = fd.Shapes(128, image_size, seed=HELD_OUT_SEED + args.seed)  # neither training nor classifier data
     reference, _ = classifier_features(classifier, to_uint8(real.images))
     return Scorer(classifier, reference)
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, the conversion ``fpdm sample`` writes PNGs with."""
-    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 # ------------------------------------------------------------------------------------------------------ sweep ---
@@ -172,7 +173,10 @@ def run_setting(model: fd.FPDM, diffusion: fd.Diffusion, args: argparse.Namespac
         scores = evaluate_samples(uint8, labels.numpy(), scorer.classifier, scorer.reference,
                                   kid_subsets=scorer.kid_subsets, kid_subset_size=min(1000, args.num_samples),
                                   seed=args.seed)
-        row.update(fd=scores["fd"], kid=scores["kid"], kid_std=scores["kid_std"], accuracy=scores["accuracy"])
+        features, predicted = classifier_features(scorer.classifier, uint8)
+        intervals = bootstrap(features, predicted == labels.numpy(), scorer.reference, seed=args.seed)
+        row.update(fd=scores["fd"], kid=scores["kid"], kid_std=scores["kid_std"], accuracy=scores["accuracy"],
+                   fd_ci=intervals["fd"], accuracy_ci=intervals["accuracy"])
     return row
 
 
@@ -302,9 +306,10 @@ def plot(record: dict[str, Any], path: Path) -> Path:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=None, help="an FPDM EMA folder written by fpdm train (default: train one)")
+    p.add_argument("--model", default=None, help="an FPDM EMA folder written by fpdm train (default: the shipped "
+                                                 "shapes-fpdm)")
     p.add_argument("--work", default="runs/budget-sweep", help="where the training run and classifier live")
-    p.add_argument("--train-steps", type=int, default=None, help="training steps without --model (600; tiny 8)")
+    p.add_argument("--train-steps", type=int, default=None, help="--tiny: training steps of the micro model (8)")
     p.add_argument("--budgets", type=int, nargs="+", default=None, help="block passes per image (24 48 96)")
     p.add_argument("--iters", type=int, nargs="+", default=None, help="iterations per timestep k (2 4 8)")
     p.add_argument("--allocations", nargs="+", choices=ALLOCATIONS, default=list(ALLOCATIONS))
