@@ -91,3 +91,23 @@ def test_sample_then_eval_against_the_embedded_reference_with_the_shipped_classi
     _, predicted = classifier_features(pretrained.classifier(), images)
     result = evaluate(str(out / "samples.npz"), "shapes", classifier="shapes", kid_subset_size=16)
     assert result["accuracy"] == float((predicted == labels).mean()) and result["num_second"] == 2000
+
+
+def test_from_pretrained_is_quiet_without_accelerate(capfd):
+    import importlib.util
+
+    fd.FPDM.from_pretrained(pretrained.path("shapes-fpdm"))
+    captured = capfd.readouterr()
+    if importlib.util.find_spec("accelerate") is None:
+        assert "accelerate" not in captured.err + captured.out
+
+
+def test_sample_grid_tiles_are_at_least_64_px(tmp_path):
+    from PIL import Image
+
+    from fixedpoint_diffusion.cli import main as fpdm
+
+    assert fpdm(["sample", "--model", str(pretrained.path("shapes-dit")), "--budget", "6", "--sampler", "ddim",
+                 "--num-samples", "4", "--out", str(tmp_path / "o"), "--no-progress"]) == 0
+    with Image.open(tmp_path / "o" / "grid.png") as grid:
+        assert grid.size == (2 * 64, 2 * 64)  # 4 samples of 16 px, 2 per row, 4x

@@ -228,7 +228,8 @@ def _checked_section(section: str, cls: type, values: dict[str, Any]) -> dict[st
         else:
             ok = isinstance(value, str)
         if not ok:
-            raise ConfigError(f"{section}.{key} must be a {type(default).__name__}, got {value!r}")
+            kind = {"bool": "a bool", "int": "an int", "float": "a number", "list": "a list", "str": "a string"}
+            raise ConfigError(f"{section}.{key} must be {kind[type(default).__name__]}, got {value!r}")
         out[key] = value
     return out
 

@@ -442,8 +442,8 @@ def load_inception(path: str | os.PathLike, device: torch.device | str | None = 
                          f"(torch.load(weights_only=True) failed: {err})") from err
     if not isinstance(state_dict, Mapping) or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state_dict.items()):
-        raise ValueError(f"{path}: expected a state dict (a mapping of names to tensors), got "
-                         f"{type(state_dict).__name__}")
+        raise ValueError(f"{path}: expected a state dict (a mapping of parameter names to tensors), got a "
+                         f"{type(state_dict).__name__} that is not one")
     state_dict = normalise_state_dict(state_dict)
     model = InceptionV3Features(preprocess=preprocess)
     problem = _mismatch_report(model, state_dict)

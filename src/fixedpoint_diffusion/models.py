@@ -84,6 +84,16 @@ class _Transformer(ModelMixin, ConfigMixin):
     """
 
     _supports_gradient_checkpointing = True
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any):
+        """diffusers' ``from_pretrained``; without ``accelerate`` installed it loads the ordinary way
+        (``low_cpu_mem_usage=False``) instead of printing diffusers' five-line notice and then doing the same."""
+        if "low_cpu_mem_usage" not in kwargs:
+            import importlib.util
+
+            kwargs["low_cpu_mem_usage"] = importlib.util.find_spec("accelerate") is not None
+        return super().from_pretrained(*args, **kwargs)
     gradient_checkpointing = False
 
     def _run_block(self, block: DiTBlock, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:

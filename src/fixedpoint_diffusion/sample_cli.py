@@ -259,7 +259,7 @@ def _finish(out: Path, args, schedule, world: int) -> None:
     tmp = out / "samples.tmp.npz"
     np.savez(tmp, arr_0=arrays, arr_1=labels)
     os.replace(tmp, out / "samples.npz")
-    grid = image_grid(arrays[:64])
+    grid = image_grid(arrays[:64], scale=max(1, 64 // arrays.shape[1]))  # small images: tiles of at least 64 px
     Image.fromarray(grid).save(out / "grid.png")
     summary = {"schedule": {"timesteps": list(schedule.timesteps), "iterations": schedule.iterations,
                             "allocation": schedule.allocation, "budget": schedule.budget,
