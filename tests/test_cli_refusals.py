@@ -170,3 +170,30 @@ def test_sample_defaults_and_errors_in_the_commands_own_flags(tmp_path, capsys):
     with pytest.raises(SystemExit):
         fpdm(["sample", "--help"])
     assert "(default: 64)" in capsys.readouterr().out  # --num-samples
+
+
+def test_help_and_argument_errors_need_no_torch():
+    """`fpdm --help` and argument errors build the parser only: no torch, no diffusers (start-up time is measured
+    in benchmarks, not asserted; what is loaded is)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from fixedpoint_diffusion.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in ('torch', 'diffusers', 'fixedpoint') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_demo_help_defaults_match_the_demo():
+    from fixedpoint_diffusion import cli, demo
+
+    assert (cli.DEMO_CPU_MACS, cli.DEMO_GPU_MACS) == (demo._CPU_MACS, demo._SHIPPED_MACS)
+
+
+def test_train_stays_the_function_after_its_module_is_imported():
+    import importlib
+
+    import fixedpoint_diffusion as fd
+
+    train_module = importlib.import_module("fixedpoint_diffusion.train")  # binds the submodule on the package
+    assert callable(fd.train) and fd.train is train_module.train and fd.Trainer is train_module.Trainer

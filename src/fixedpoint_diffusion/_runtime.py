@@ -4,10 +4,12 @@ device of a process, and the process group under ``torchrun``."""
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.distributed as dist
+
+if TYPE_CHECKING:  # torch is imported where it is used: the fpdm command's start-up stays light
+    import torch
 
 
 def seed_from(*parts: int) -> int:
@@ -18,6 +20,8 @@ def seed_from(*parts: int) -> int:
 def default_device(device: str | torch.device | None = None) -> torch.device:
     """``device`` if given (a bare ``"cuda"`` becomes this process's GPU); otherwise ``cuda:LOCAL_RANK`` when CUDA
     is available, else the CPU."""
+    import torch
+
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device is None:
         return torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
@@ -46,6 +50,9 @@ def world_size() -> int:
 
 def init_distributed(device: torch.device) -> int:
     """Join the process group when several processes run (NCCL on GPUs, gloo on CPU); returns this rank."""
+    import torch
+    import torch.distributed as dist
+
     if world_size() > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)

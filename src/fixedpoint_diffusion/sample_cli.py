@@ -8,12 +8,14 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from ._runtime import check_writable_folder, default_device, init_distributed, seed_from, world_size
+
+if TYPE_CHECKING:  # imported where used: `fpdm --help` builds this parser without loading torch
+    import torch
 
 __all__ = ["add_parser", "load_model", "run"]
 
@@ -77,6 +79,8 @@ def load_model(folder: str | os.PathLike, *, weights: bool = True, device: str |
     """A DiT/FPDM from a folder, and the :class:`Diffusion` it was trained with (``diffusion.json`` beside the
     weights, or the run folder's ``config.json``; the paper's defaults otherwise). ``weights=False`` builds it on
     the meta device (for planning only)."""
+    import torch
+
     from .diffusion import Diffusion
 
     folder = Path(folder)
@@ -106,6 +110,8 @@ def load_model(folder: str | os.PathLike, *, weights: bool = True, device: str |
 
 
 def _labels(args, num_classes: int, indices: range) -> torch.Tensor:
+    import torch
+
     if args.classes:
         chosen = [int(c) for c in args.classes.split(",")]
         return torch.tensor([chosen[i % len(chosen)] for i in indices])
