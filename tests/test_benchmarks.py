@@ -95,3 +95,11 @@ def test_quality_benchmark_tiny(tmp_path, capsys):
         assert row["block_passes"] <= row["budget"] and np.isfinite(row["fd"]) and row["num"] == 32
         if row["iters_per_step"]:
             assert row["num_steps"] == row["budget"] // (2 + row["iters_per_step"])
+
+
+def test_startup_benchmark_runs(tmp_path, capsys):
+    out = tmp_path / "startup.json"
+    record = _load("startup").main(["--rounds", "1", "--out", str(out)])
+    assert {r["command"] for r in record["rows"]} == {"python", "import torch", "fpdm --help",
+                                                      "fpdm sample (argument error)"}
+    assert all(r["median_s"] > 0 for r in record["rows"]) and json.loads(out.read_text())["rows"]
