@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 import fixedpoint_diffusion as fd
-from fixedpoint_diffusion.train import _Objective
+from fixedpoint_diffusion.train import Objective
 
 
 def _saved_bytes(objective, batch) -> int:
@@ -75,7 +75,7 @@ def bench_model(name: str, args, device: torch.device) -> dict:
                 module.compile()
     autocast = torch.bfloat16 if args.bf16 else None
     diffusion = fd.Diffusion().to(device)
-    objective = _Objective(model, diffusion, autocast, device.type)
+    objective = Objective(model, diffusion, autocast, device.type)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
     B = args.batch
 

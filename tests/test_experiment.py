@@ -76,7 +76,7 @@ def test_an_interrupted_run_stops_the_whole_job(tmp_path, monkeypatch):
 
     configs = _configs(tmp_path)
     plan_steps = {}
-    original = Trainer._train_step
+    original = Trainer.train_step
 
     def step(self, x, y, k):
         plan_steps.setdefault(self.out_dir.name, k)
@@ -87,7 +87,7 @@ def test_an_interrupted_run_stops_the_whole_job(tmp_path, monkeypatch):
     from fixedpoint_diffusion import experiment
 
     monkeypatch.setattr(experiment, "calibrate", lambda configs, device=None: {name: 0.1 for name in configs})
-    monkeypatch.setattr(Trainer, "_train_step", step)
+    monkeypatch.setattr(Trainer, "train_step", step)
     with pytest.raises(KeyboardInterrupt, match="'fpdm' was interrupted at step 1"):
         train_for(configs, 0.01, progress=False)
     assert list(plan_steps) == ["fpdm"] and (tmp_path / "fpdm" / "checkpoints" / "step-00000001.pt").is_file()

@@ -65,7 +65,7 @@ def calibrate(configs: Mapping[str, Config], *, steps: int = 6, rounds: int = 3,
         config = copy.deepcopy(config)
         config.train.out_dir = str(Path(tempfile.gettempdir()) / "fpdm-calibrate-never-written")
         trainer = Trainer(config, device=device, progress=False)
-        trainer._setup()
+        trainer.setup()
         trainers[name] = trainer
     best = {name: float("inf") for name in configs}
     G = {name: cfg.train.global_batch_size for name, cfg in configs.items()}
@@ -77,7 +77,7 @@ def calibrate(configs: Mapping[str, Config], *, steps: int = 6, rounds: int = 3,
             sync()
             start = time.perf_counter()
             for i, (x, y) in enumerate(batches):
-                trainer._train_step(x, y, r * steps + i)
+                trainer.train_step(x, y, r * steps + i)
             sync()
             if r:
                 best[name] = min(best[name], (time.perf_counter() - start) / n)

@@ -44,7 +44,7 @@ from .data import ImageFolder, LatentDataset, Shapes
 from .diffusion import Diffusion
 from .models import FPDM, DiT, create_model
 
-__all__ = ["TrainState", "TrainSummary", "Trainer", "build_dataset", "latest_checkpoint", "train"]
+__all__ = ["Objective", "TrainState", "TrainSummary", "Trainer", "build_dataset", "latest_checkpoint", "train"]
 
 _CKPT = re.compile(r"^step-(\d{8})\.pt$")
 
@@ -131,7 +131,7 @@ def _as_batch(batch):
     return batch  # datasets return whole batches through __getitems__
 
 
-class _Objective(nn.Module):
+class Objective(nn.Module):
     """Model + loss in one module, so that DDP wraps a forward that returns plain tensors; only the model runs
     under autocast, the loss and the diffusion tables stay in fp32/fp64."""
 
@@ -290,7 +290,9 @@ class Trainer:
             raise ValueError(f"checkpoint {self.checkpoint_path} was trained with diffusion settings "
                              f"{saved_diffusion}, the config says {self.config.to_dict()['diffusion']}")
 
-    def _setup(self) -> None:
+    def setup(self) -> None:
+        """Move the model to the device, build the EMA, the diffusion, the objective (DDP-wrapped under torchrun)
+        and the optimizer, and load the checkpoint being resumed; :meth:`run` calls it when needed."""
         cfg, tr = self.config, self.config.train
         self.rank = init_distributed(self.device)
         if dist.is_initialized() and dist.get_world_size() != self.world:
@@ -315,7 +317,7 @@ class Trainer:
                                    zero_terminal_snr=cfg.diffusion.zero_terminal_snr,
                                    prediction=cfg.diffusion.prediction, learn_sigma=model.config.learn_sigma,
                                    mean_loss=cfg.diffusion.mean_loss).to(self.device)
-        objective = _Objective(model, self.diffusion, autocast, self.device.type)
+        objective = Objective(model, self.diffusion, autocast, self.device.type)
         if dist.is_initialized():
             ids = [self.device.index] if self.device.type == "cuda" else None
             objective = DistributedDataParallel(objective, device_ids=ids)
@@ -355,7 +357,10 @@ class Trainer:
         return (t[local].to(**move), eps[local].to(**move), drop[local].to(**move), flip[local].to(**move),
                 sjfb_seed)
 
-    def _train_step(self, x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
+        """One optimizer step on the batch ``(x, y)`` with step ``step``'s random draws: the objective, backward,
+        clipping, the scheduled learning rate, the optimizer step and the EMA update. Returns the step's
+        ``[loss, mse, vb, residual]`` on the device (no host sync)."""
         tr = self.config.train
         x = x.to(self.device, non_blocking=True)
         y = y.to(self.device, non_blocking=True)
@@ -487,7 +492,7 @@ class Trainer:
         from tqdm.auto import tqdm
 
         if not self._setup_done:
-            self._setup()
+            self.setup()
         tr = self.config.train
         start = self.step
         is_main = self.rank == 0
@@ -521,7 +526,7 @@ class Trainer:
                     if limit_s and base_seconds >= limit_s:  # a resumed run whose time was already spent
                         time_up = True
                         break
-                    stats = self._train_step(x, y, self.step)
+                    stats = self.train_step(x, y, self.step)
                     sums += stats
                     # The first non-finite step, recorded on the device (no host sync per step).
                     first_bad = torch.where((first_bad < 0) & ~torch.isfinite(stats[0]), self.step + 1, first_bad)
