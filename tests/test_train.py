@@ -333,3 +333,40 @@ def test_no_progress_prints_plain_lines_a_log_can_follow(tmp_path, capsys):
     assert [line.split("] ")[1].split()[1] for line in lines if "loss" in line] == ["2/4", "4/4"]
     fd.train(fd.load_config({**raw, "train": {**raw["train"], "out_dir": str(tmp_path / "quiet")}}), progress=False)
     assert capsys.readouterr().out == ""  # the library stays quiet unless asked
+
+
+@pytest.mark.parametrize("kind", ["tensorboard", "wandb"])
+def test_a_tracker_whose_package_is_missing_is_refused_before_compute(kind, tmp_path, monkeypatch):
+    import importlib
+
+    train_module = importlib.import_module("fixedpoint_diffusion.train")  # the module (fd.train is the function)
+    monkeypatch.setattr(train_module, "_tracker_available", lambda name: False)
+    raw = micro_raw(tmp_path / "run")
+    raw["train"]["tracker"] = kind
+    with pytest.raises(fd.ConfigError, match=rf"train.tracker='{kind}' needs the {kind} package.*fixedpoint\[{kind}\]"):
+        fd.Trainer(fd.load_config(raw), progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_tracker_none_writes_no_tracker_files_and_a_fake_tracker_sees_every_log_line(tmp_path, monkeypatch):
+    import importlib
+
+    train_module = importlib.import_module("fixedpoint_diffusion.train")
+    raw = micro_raw(tmp_path / "run")
+    raw["train"].update(tracker="none", max_steps=4, log_every=2)
+    fd.train(fd.load_config(raw), progress=False)
+    assert not (tmp_path / "run" / "tensorboard").exists()
+    seen = []
+
+    class Fake:
+        def log(self, metrics, step):
+            seen.append((step, metrics["loss"]))
+
+        def close(self):
+            seen.append("closed")
+
+    monkeypatch.setattr(train_module._Tracker, "open", classmethod(lambda cls, config, out_dir: Fake()))
+    raw["train"].update(out_dir=str(tmp_path / "run2"))
+    fd.train(fd.load_config(raw), progress=False)
+    logged = [json.loads(line) for line in (tmp_path / "run2" / "log.jsonl").read_text().splitlines()]
+    assert seen == [(e["step"], e["loss"]) for e in logged] + ["closed"]

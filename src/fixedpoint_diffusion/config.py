@@ -91,6 +91,10 @@ class TrainConfig:
         gradient_checkpointing: recompute block activations in backward (non-reentrant).
         tf32: allow TF32 matrix multiplies on Ampere+ GPUs (ignored on CPU).
         log_every: steps between log lines (each costs one host sync).
+        tracker: where the log's metrics also go: ``"auto"`` (TensorBoard when installed, else nowhere),
+            ``"none"``, ``"tensorboard"`` (``pip install "fixedpoint[tensorboard]"``) or ``"wandb"`` (Weights &
+            Biases, ``pip install "fixedpoint[wandb]"``; its own ``WANDB_MODE``/``WANDB_PROJECT`` settings apply,
+            ``WANDB_MODE=offline`` needs no network). Rank 0 only.
         checkpoint_every: steps between checkpoints (a final one is always written).
         keep_checkpoints: how many step checkpoints to keep (older ones are deleted).
         out_dir: run folder (checkpoints, ``log.jsonl``, the EMA model in ``ema/``).
@@ -114,6 +118,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     tf32: bool = True
     log_every: int = 100
+    tracker: str = "auto"
     checkpoint_every: int = 5000
     keep_checkpoints: int = 2
     out_dir: str = "runs/fpdm"
@@ -180,6 +185,8 @@ class Config:
         _require(tr.mixed_precision in ("auto", "bf16", "no"), "train.mixed_precision", tr.mixed_precision,
                  "'auto', 'bf16' or 'no'")
         _require(tr.log_every >= 1, "train.log_every", tr.log_every, ">= 1")
+        _require(tr.tracker in ("auto", "none", "tensorboard", "wandb"), "train.tracker", tr.tracker,
+                 "'auto', 'none', 'tensorboard' or 'wandb'")
         _require(tr.checkpoint_every >= 1, "train.checkpoint_every", tr.checkpoint_every, ">= 1")
         _require(tr.keep_checkpoints >= 1, "train.keep_checkpoints", tr.keep_checkpoints, ">= 1")
         _require(bool(tr.out_dir), "train.out_dir", tr.out_dir, "a folder")

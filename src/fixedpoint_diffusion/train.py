@@ -228,6 +228,7 @@ class Trainer:
                  hooks: Sequence[Callable[[TrainState], None]] = (), progress: bool = True,
                  log_lines: bool = False) -> None:
         config.validate()
+        check_tracker(config)
         self.config, self.hooks, self.progress = config, list(hooks), progress
         self.log_lines = log_lines and not progress
         tr = config.train
@@ -501,7 +502,7 @@ class Trainer:
             (self.out_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=1))
             self._repair_run_folder()
         log = open(self.out_dir / "log.jsonl", "a") if is_main else None  # noqa: SIM115 - closed in finally
-        board = _tensorboard(self.out_dir) if is_main else None
+        board = _Tracker.open(self.config, self.out_dir) if is_main else None
         sampler = _StepBatches(len(self.dataset), tr.global_batch_size, self.rank, self.world, tr.seed, start,
                                tr.max_steps)
         loader = DataLoader(self.dataset, batch_sampler=sampler, collate_fn=_as_batch,
@@ -555,8 +556,7 @@ class Trainer:
                             log.write(json.dumps({"step": self.step, **metrics, "time": time.time()}) + "\n")
                             log.flush()
                             if board is not None:
-                                for key, value in metrics.items():
-                                    board.add_scalar(f"train/{key}", value, self.step)
+                                board.log(metrics, self.step)
                     # Every rank must agree on stopping: in a multi-process run the flag is all-reduced on log
                     # steps (which already synchronise), so a stop lands at the next log step.
                     if self.world == 1:
@@ -624,12 +624,55 @@ def _any_rank(flags: list[bool], device: torch.device) -> list[bool]:
     return [bool(v) for v in value.tolist()]
 
 
-def _tensorboard(out_dir: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is optional
+def _tracker_available(kind: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard" if kind == "tensorboard" else "wandb") is not None
+
+
+def check_tracker(config: Config) -> None:
+    """Refuse a ``train.tracker`` whose package is missing (before any compute), naming the extra to install."""
+    kind = config.train.tracker
+    if kind in ("tensorboard", "wandb") and not _tracker_available(kind):
+        raise ConfigError(f"train.tracker={kind!r} needs the {kind} package: pip install \"fixedpoint[{kind}]\" "
+                          f"(or train.tracker='none')")
+
+
+class _Tracker:
+    """The log's metrics, also sent to TensorBoard or Weights & Biases."""
+
+    def __init__(self, kind: str, handle: Any) -> None:
+        self.kind, self.handle = kind, handle
+
+    @classmethod
+    def open(cls, config: Config, out_dir: Path) -> _Tracker | None:
+        kind = config.train.tracker
+        if kind == "auto":
+            kind = "tensorboard" if _tracker_available("tensorboard") else "none"
+        if kind == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            return cls(kind, SummaryWriter(str(out_dir / "tensorboard")))
+        if kind == "wandb":
+            import wandb
+
+            run = wandb.init(project=os.environ.get("WANDB_PROJECT", "fpdm"), dir=str(out_dir),
+                             config=config.to_dict(), name=out_dir.name, resume="allow")
+            return cls(kind, run)
         return None
-    return SummaryWriter(str(out_dir / "tensorboard"))
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if self.kind == "tensorboard":
+            for key, value in metrics.items():
+                self.handle.add_scalar(f"train/{key}", value, step)
+        else:
+            self.handle.log({f"train/{key}": value for key, value in metrics.items()}, step=step)
+
+    def close(self) -> None:
+        if self.kind == "tensorboard":
+            self.handle.close()
+        else:
+            self.handle.finish()
 
 
 class _StopFlag(contextlib.AbstractContextManager):
