@@ -86,7 +86,7 @@ def _add_demo(sub) -> None:
 
 #: The demo's default training compute per model in part 2 (checked against fixedpoint_diffusion.demo's in the
 #: tests; written here so that `fpdm --help` needs no import of the library).
-DEMO_CPU_MACS = 4.2e12
+DEMO_CPU_MACS = 3e12
 DEMO_GPU_MACS = 12000 * 9_175_891_968
 
 

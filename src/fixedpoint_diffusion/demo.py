@@ -43,8 +43,8 @@ __all__ = ["DemoSettings", "run_demo"]
 _QUICK_MODEL = {"hidden_size": 32, "num_heads": 2}
 # The shipped pair's training compute (shapes-dit: 12000 steps of batch 64), the GPU default of part 2.
 _SHIPPED_MACS = 12000 * 9_175_891_968
-# CPU default of part 2: what the 2-core machine trains in about 4 minutes (DiT: about 460 steps).
-_CPU_MACS = 4.2e12
+# CPU default of part 2: what a quiet 2-core machine trains in about 4 minutes (DiT 327 steps, FPDM 425).
+_CPU_MACS = 3e12
 _QUICK_MACS = 5e10
 
 
