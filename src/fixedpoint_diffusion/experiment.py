@@ -368,7 +368,8 @@ def bootstrap(features: np.ndarray, correct: np.ndarray, reference: np.ndarray, 
     """Bootstrap intervals over the generated samples (the reference set held fixed): percentile intervals for
     the accuracy; for FD the basic (reversed percentile) interval ``[2 fd - q_high, 2 fd - q_low]``, because
     resampling with replacement duplicates samples, which alone raises FD (at 400 samples by about as much as the
-    interval is wide), and the basic interval undoes that shift.
+    interval is wide), and the basic interval undoes that shift (its lower end is clipped at 0, which FD cannot go
+    below).
 
     Returns:
         ``{"fd": (low, high), "accuracy": (low, high)}`` at ``level``, and ``"fd_resampled"``: the FD of every
@@ -379,7 +380,8 @@ def bootstrap(features: np.ndarray, correct: np.ndarray, reference: np.ndarray, 
     fd = _resampled_fd(features, idx, reference)
     acc = correct[idx].mean(1)
     estimate = frechet_distance(np.asarray(features, dtype=np.float64), reference)
-    return {"fd": _interval(fd, level, estimate), "accuracy": _interval(acc, level), "fd_resampled": fd}
+    lo, hi = _interval(fd, level, estimate)
+    return {"fd": (max(0.0, lo), hi), "accuracy": _interval(acc, level), "fd_resampled": fd}  # FD >= 0
 
 
 def paired_difference(a: Mapping[str, Any], b: Mapping[str, Any], reference: np.ndarray, *, resamples: int = 200,
