@@ -183,3 +183,11 @@ def test_cli_prints_the_summary_table_and_where_the_report_is(toy_run, tmp_path,
     printed = capsys.readouterr().out
     assert report_module.summary_table(record["pretrained"]["rows"]).splitlines()[0] in printed
     assert "Verdict" in printed and str(tmp_path / "copy" / "report.html") in printed
+
+
+def test_quality_plot_accepts_an_interval_beside_its_estimate(tmp_path):
+    """A basic-bootstrap FD interval can exclude its estimate at tiny sample counts; the plot must still draw."""
+    row = {"budget": 6, "label": "DiT", "model": "DiT", "allocation": "constant", "guidance_scale": 1.0,
+           "fd": 10.0, "fd_ci": (11.0, 12.0), "accuracy": 0.5, "accuracy_ci": (0.4, 0.6)}
+    report_module.plot_quality({"DiT-b6": row}, tmp_path / "q.png")
+    assert (tmp_path / "q.png").stat().st_size > 0

@@ -59,7 +59,10 @@ def plot_quality(rows: Mapping[str, Mapping[str, Any]], path: str | Path,
         x = [r["budget"] for r in curve]
         for ax, key in zip(axes, ("fd", "accuracy")):
             y = [r[key] for r in curve]
-            err = [[r[key] - r[f"{key}_ci"][0] for r in curve], [r[f"{key}_ci"][1] - r[key] for r in curve]]
+            # a basic-bootstrap FD interval can lie beside its estimate when the resampled FDs are very skewed
+            # (tiny sample counts): the bar then starts at the point
+            err = [[max(0.0, r[key] - r[f"{key}_ci"][0]) for r in curve],
+                   [max(0.0, r[f"{key}_ci"][1] - r[key]) for r in curve]]
             ax.errorbar(x, y, yerr=err, capsize=3, ms=4, label=label, **style)
     if real is not None:
         for ax, key in zip(axes, ("fd", "accuracy")):
