@@ -197,3 +197,25 @@ def test_train_stays_the_function_after_its_module_is_imported():
 
     train_module = importlib.import_module("fixedpoint_diffusion.train")  # binds the submodule on the package
     assert callable(fd.train) and fd.train is train_module.train and fd.Trainer is train_module.Trainer
+
+
+def test_sample_takes_a_training_checkpoint_file(tmp_path, capsys):
+    """A checkpoint's EMA weights sample exactly what its run's ema/ folder samples; --weights model differs."""
+    from micro import micro_raw
+
+    import fixedpoint_diffusion as fd
+
+    run = tmp_path / "run"
+    fd.train(fd.load_config(micro_raw(run)), progress=False)
+    ckpt = run / "checkpoints" / "step-00000004.pt"
+    base = ["sample", "--budget", "6", "--iters", "1", "--sampler", "ddim", "--num-samples", "4", "--no-progress"]
+    outs = {}
+    for name, model, extra in (("folder", run / "ema", []), ("ckpt", ckpt, []), ("raw", ckpt, ["--weights", "model"])):
+        assert fpdm([*base, "--model", str(model), "--out", str(tmp_path / name), *extra]) == 0
+        with np.load(tmp_path / name / "samples.npz") as f:
+            outs[name] = f["arr_0"]
+    assert np.array_equal(outs["folder"], outs["ckpt"]) and not np.array_equal(outs["ckpt"], outs["raw"])
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    capsys.readouterr()
+    assert fpdm([*base, "--model", str(tmp_path / "junk.pt"), "--out", str(tmp_path / "j")]) == 2
+    assert "not a readable training checkpoint" in _error(capsys)

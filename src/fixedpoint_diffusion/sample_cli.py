@@ -27,7 +27,10 @@ def add_parser(sub: Any) -> None:
                                    "folder) under a budget of transformer-block passes per image. Writes "
                                    "samples/*.png, grid.png, samples.npz (arr_0: uint8 NHWC, arr_1: labels, the "
                                    "layout ADM's FID evaluator reads), diagnostics.json and residuals.png.")
-    p.add_argument("--model", required=True, help="model folder (config.json + weights)")
+    p.add_argument("--model", required=True, help="model folder (config.json + weights), e.g. a run's ema/, or a "
+                                                  "training checkpoint file checkpoints/step-XXXXXXXX.pt")
+    p.add_argument("--weights", choices=["ema", "model"], default="ema",
+                   help="with a checkpoint file: its EMA weights or the raw training weights")
     p.add_argument("--vae", default=None, help="local AutoencoderKL folder, for latent models")
     p.add_argument("--vae-subfolder", default=None, help="e.g. 'vae' for a pipeline folder")
     p.add_argument("--out", default="samples", help="output folder")
@@ -75,15 +78,21 @@ def _model_class(folder: Path):
     return classes[name]
 
 
-def load_model(folder: str | os.PathLike, *, weights: bool = True, device: str | torch.device = "cpu"):
+def load_model(folder: str | os.PathLike, *, weights: bool | str = True, device: str | torch.device = "cpu"):
     """A DiT/FPDM from a folder, and the :class:`Diffusion` it was trained with (``diffusion.json`` beside the
     weights, or the run folder's ``config.json``; the paper's defaults otherwise). ``weights=False`` builds it on
-    the meta device (for planning only)."""
+    the meta device (for planning only).
+
+    ``folder`` may also be a training checkpoint file (``checkpoints/step-XXXXXXXX.pt``): its EMA weights are
+    loaded, or the raw training weights when ``weights="model"``.
+    """
     import torch
 
     from .diffusion import Diffusion
 
     folder = Path(folder)
+    if folder.is_file():
+        return _load_checkpoint_file(folder, weights, device)
     cls = _model_class(folder)
     if weights:
         files = [f for f in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -107,6 +116,34 @@ def load_model(folder: str | os.PathLike, *, weights: bool = True, device: str |
                                                          "zero_terminal_snr", "prediction")}
     diffusion = Diffusion(learn_sigma=model.config.learn_sigma, **settings)
     return model, diffusion
+
+
+def _load_checkpoint_file(path: Path, weights: bool | str, device: Any):
+    import torch
+
+    from .diffusion import Diffusion
+    from .models import create_model
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same one-line message
+        raise ValueError(f"--model {str(path)!r}: not a readable training checkpoint "
+                         f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+    if not (isinstance(ckpt, dict) and {"model", "ema", "config"} <= set(ckpt)):
+        raise ValueError(f"--model {str(path)!r}: not a training checkpoint written by fpdm train (give a "
+                         "model folder, e.g. a run's ema/, or checkpoints/step-XXXXXXXX.pt)")
+    model_args = dict(ckpt["config"]["model"])
+    name = model_args.pop("name")
+    if weights is False:
+        with torch.device("meta"):
+            model = create_model(name, **model_args)
+    else:
+        model = create_model(name, **model_args)
+        model.load_state_dict(ckpt["model"] if weights == "model" else ckpt["ema"])
+        model = model.to(device).eval()
+    settings = {k: v for k, v in ckpt["config"].get("diffusion", {}).items()
+                if k in ("num_timesteps", "beta_start", "beta_end", "zero_terminal_snr", "prediction")}
+    return model, Diffusion(learn_sigma=model.config.learn_sigma, **settings)
 
 
 def _labels(args, num_classes: int, indices: range) -> torch.Tensor:
@@ -176,7 +213,7 @@ def run(args: argparse.Namespace) -> int:
 
     world = world_size()
     rank = init_distributed(device)
-    model, diffusion = load_model(args.model, device=device)
+    model, diffusion = load_model(args.model, device=device, weights="model" if args.weights == "model" else True)
     diffusion.to(device)
     vae = None
     if args.vae is not None:
