@@ -170,11 +170,10 @@ def run_setting(model: fd.FPDM, diffusion: fd.Diffusion, args: argparse.Namespac
                residual_mean=float(residual.mean()), residual_last=float(residual[-1]))
     if scorer is not None:
         uint8 = to_uint8(torch.cat(images))
-        scores = evaluate_samples(uint8, labels.numpy(), scorer.classifier, scorer.reference,
+        scores = evaluate_samples(uint8, labels.numpy(), scorer.classifier, scorer.reference, keep_features=True,
                                   kid_subsets=scorer.kid_subsets, kid_subset_size=min(1000, args.num_samples),
                                   seed=args.seed)
-        features, predicted = classifier_features(scorer.classifier, uint8)
-        intervals = bootstrap(features, predicted == labels.numpy(), scorer.reference, seed=args.seed)
+        intervals = bootstrap(scores["features"], scores["correct"], scorer.reference, seed=args.seed)
         row.update(fd=scores["fd"], kid=scores["kid"], kid_std=scores["kid_std"], accuracy=scores["accuracy"],
                    fd_ci=intervals["fd"], accuracy_ci=intervals["accuracy"])
     return row

@@ -43,6 +43,12 @@ def default_device(device: str | torch.device | None = None) -> torch.device:
     return device
 
 
+def is_rank_zero() -> bool:
+    """Whether this process is rank 0 of a ``torchrun`` job (or runs alone), from ``RANK``: known before the
+    process group is joined."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def world_size() -> int:
     """The number of processes ``torchrun`` started (1 without it)."""
     return int(os.environ.get("WORLD_SIZE", "1"))

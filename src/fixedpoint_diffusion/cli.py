@@ -4,10 +4,9 @@ and ``fpdm configs``."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 
 __all__ = ["main"]
 
@@ -22,7 +21,9 @@ def _train(args: argparse.Namespace) -> int:
         config.validate()
     summary = train(config, resume=args.resume, device=args.device, progress=not args.no_progress,
                     log_lines=args.no_progress)
-    if summary.out_dir is not None and int(os.environ.get("RANK", "0")) == 0:  # under torchrun: rank 0 only
+    from ._runtime import is_rank_zero
+
+    if summary.out_dir is not None and is_rank_zero():  # under torchrun: rank 0 only
         print(summary)
     return 130 if summary.interrupted else 0
 

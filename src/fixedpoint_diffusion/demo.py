@@ -21,7 +21,6 @@ checkpoints and skips the settings already scored.
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -35,7 +34,16 @@ import torch
 
 from ._runtime import default_device
 from .config import Config, load_config
-from .experiment import HELD_OUT_SEED, Setting
+from .experiment import (
+    HELD_OUT_SEED,
+    Scorer,
+    Setting,
+    bootstrap,
+    paired_difference,
+    score_settings,
+    train_equal_compute,
+    training_steps,
+)
 
 __all__ = ["DemoSettings", "run_demo"]
 
@@ -256,7 +264,6 @@ def run_demo(out: str | os.PathLike = "demo-results", *, settings: DemoSettings 
 def _run(out: Path, settings: DemoSettings, wanted: dict[str, Any], device: torch.device,
          progress: bool) -> dict[str, Any]:
     from . import pretrained
-    from .experiment import Scorer, bootstrap
     from .report import html_report, markdown_report, plot_quality, plot_reuse_residuals, write_record
 
     clock = _Clock(quiet=not progress)
@@ -302,8 +309,6 @@ def _run(out: Path, settings: DemoSettings, wanted: dict[str, Any], device: torc
 def _score(models, todo, scorer, settings, device, folder, grids, progress, clock):
     from tqdm.auto import tqdm
 
-    from .experiment import score_settings
-
     bar = tqdm(total=len(todo), desc="sampling", disable=not progress, leave=False)
 
     def started(index: int, setting: Setting) -> None:
@@ -322,8 +327,6 @@ def _score(models, todo, scorer, settings, device, folder, grids, progress, cloc
 
 
 def _compare(rows, pairs, scorer, seed) -> list[dict[str, Any]]:
-    from .experiment import paired_difference
-
     out = []
     for kind, a, b in pairs:
         diff = paired_difference(rows[a], rows[b], scorer.reference, seed=seed)
@@ -353,7 +356,6 @@ def _quality_bar(rows, real, budget: int) -> str:
 
 
 def _train_part(out: Path, settings: DemoSettings, scorer, device, progress, clock) -> dict[str, Any]:
-    from .experiment import Setting, paired_difference, score_settings, train_equal_compute, training_steps
     from .pipeline import to_uint8
     from .report import plot_training
     from .sampling import sample
@@ -386,10 +388,7 @@ def _train_part(out: Path, settings: DemoSettings, scorer, device, progress, clo
     todo = [Setting("DiT", snapshot_budget), Setting("FPDM", snapshot_budget, 2)]
     clock.say(f"part 2: scoring both at budget {snapshot_budget}")
     rows = score_settings(models, todo, scorer, num_samples=settings.num_samples, seed=settings.seed, device=device,
-                          folder=out / "part2", keep=64)
-    for row in rows.values():
-        row.pop("images", None)
-    diff = paired_difference(rows[todo[1].key], rows[todo[0].key], scorer.reference, seed=settings.seed)
+                          folder=out / "part2")
     runs = {}
     for name, summary in summaries.items():
         log = [json.loads(line) for line in (summary.out_dir / "log.jsonl").read_text().splitlines() if line]
@@ -399,6 +398,5 @@ def _train_part(out: Path, settings: DemoSettings, scorer, device, progress, clo
     plot_training(runs, out / "training_loss.png")
     grids = sorted((out / "grids").glob("train-*.png"))
     return {"macs": settings.train_macs, "runs": runs, "rows": _json_rows(rows), "snapshot_budget": snapshot_budget,
-            "comparisons": [{"kind": "fpdm-vs-dit", "a": todo[1].key, "b": todo[0].key, "fd": list(diff["fd"]),
-                             "accuracy": list(diff["accuracy"])}],
+            "comparisons": _compare(rows, [("fpdm-vs-dit", todo[1].key, todo[0].key)], scorer, settings.seed),
             "grids": [(f"{p.stem.split('-')[1]} step {int(p.stem.split('-')[2])}", f"grids/{p.name}") for p in grids]}

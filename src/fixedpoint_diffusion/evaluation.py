@@ -32,6 +32,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -356,7 +357,7 @@ def classifier_features(model: ShapesClassifier, images: np.ndarray | torch.Tens
 
 def evaluate_samples(images: np.ndarray, labels: np.ndarray | Sequence[int] | None, classifier: ShapesClassifier,
                      reference: np.ndarray, *, kid_subsets: int = 50, kid_subset_size: int = 1000,
-                     seed: int = 0) -> dict[str, float]:
+                     seed: int = 0, keep_features: bool = False) -> dict[str, Any]:
     """Quality of generated Shapes images against reference features, with the small classifier.
 
     Args:
@@ -367,11 +368,17 @@ def evaluate_samples(images: np.ndarray, labels: np.ndarray | Sequence[int] | No
 
     Returns:
         ``fd`` (Fréchet distance), ``kid`` and ``kid_std`` (x 1e3 is the usual way to print them), ``accuracy``
-        (fraction of samples classified as their conditioning class; NaN without labels) and ``num``.
+        (fraction of samples classified as their conditioning class; NaN without labels) and ``num``; with
+        ``keep_features`` also the per-sample arrays behind them, ``features`` (N, D) float32 and ``correct``
+        (N,) bool (``None`` without labels), for bootstrap intervals.
     """
     feats, preds = classifier_features(classifier, images)
     kid, kid_std = kernel_inception_distance(feats, reference, subsets=kid_subsets, subset_size=kid_subset_size,
                                              seed=seed)
     accuracy = math.nan if labels is None else float((preds == np.asarray(labels)).mean())
-    return {"fd": frechet_distance(feats, reference), "kid": kid, "kid_std": kid_std, "accuracy": accuracy,
-            "num": int(images.shape[0])}
+    result: dict[str, Any] = {"fd": frechet_distance(feats, reference), "kid": kid, "kid_std": kid_std,
+                              "accuracy": accuracy, "num": int(images.shape[0])}
+    if keep_features:
+        result.update(features=feats.astype(np.float32),
+                      correct=None if labels is None else preds == np.asarray(labels))
+    return result

@@ -18,13 +18,13 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
 import tempfile
 import time
 from collections.abc import Mapping
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,8 +33,7 @@ import numpy as np
 import torch
 
 from .config import Config
-from .evaluation import (ShapesClassifier, classifier_features, evaluate_samples, frechet_distance,
-                         train_classifier)
+from .evaluation import ShapesClassifier, classifier_features, evaluate_samples, frechet_distance, train_classifier
 from .pipeline import to_uint8
 from .sampling import sample
 from .train import Trainer, TrainState, TrainSummary, latest_checkpoint
@@ -287,9 +286,7 @@ class Scorer:
     def build(cls, image_size: int, folder: str | Path, *, num_reference: int = 2000, seed: int = 0,
               classifier_steps: int = 400, device: torch.device | str | None = None,
               progress: bool = False) -> Scorer:
-        """Train the classifier and compute reference features, or read both from ``folder`` if there."""
-        from .data import Shapes
-
+        """Train the classifier (or read it from ``folder`` if there) and compute reference features."""
         folder = Path(folder)
         path = folder / "classifier.pt"
         if path.is_file():
@@ -299,9 +296,7 @@ class Scorer:
                                                     progress=progress)
             classifier.save(path, accuracy=accuracy)
             classifier.info = {"accuracy": accuracy}
-        real = Shapes(num_reference, image_size, seed=HELD_OUT_SEED + seed)  # neither training nor classifier data
-        reference, _ = classifier_features(classifier, to_uint8(real.images))
-        return cls(classifier, reference)
+        return cls.from_classifier(classifier, num_reference=num_reference, seed=seed)
 
     def score(self, model: Any, diffusion: Any, *, num_samples: int = 500, batch_size: int = 500, seed: int = 0,
               device: torch.device | str | None = None, keep: int = 0, **sampling: Any) -> dict[str, Any]:
@@ -335,10 +330,8 @@ class Scorer:
                 residuals.append(out.residuals.float().cpu())
         seconds = time.perf_counter() - start
         images = np.concatenate(images)
-        result = evaluate_samples(images, labels.numpy(), self.classifier, self.reference,
+        result = evaluate_samples(images, labels.numpy(), self.classifier, self.reference, keep_features=True,
                                   kid_subsets=self.kid_subsets, kid_subset_size=min(1000, num_samples), seed=seed)
-        features, predictions = classifier_features(self.classifier, images)
-        result.update(features=features.astype(np.float32), correct=predictions == labels.numpy())
         schedule = out.schedule
         result.update(block_passes=schedule.block_passes, num_steps=schedule.num_steps,
                       iterations=list(schedule.iterations) if schedule.iterations is not None else None,
@@ -355,12 +348,9 @@ class Scorer:
 
         image_size = self.classifier.config["image_size"]
         real = Shapes(num_samples, image_size, seed=HELD_OUT_SEED + 1_000 + seed)
-        images = to_uint8(real.images)
-        result = evaluate_samples(images, real.labels.numpy(), self.classifier, self.reference,
-                                  kid_subsets=self.kid_subsets, kid_subset_size=min(1000, num_samples), seed=seed)
-        features, predictions = classifier_features(self.classifier, images)
-        result.update(features=features.astype(np.float32), correct=predictions == real.labels.numpy())
-        return result
+        return evaluate_samples(to_uint8(real.images), real.labels.numpy(), self.classifier, self.reference,
+                                keep_features=True, kid_subsets=self.kid_subsets,
+                                kid_subset_size=min(1000, num_samples), seed=seed)
 
 
 def bootstrap(features: np.ndarray, correct: np.ndarray, reference: np.ndarray, *, resamples: int = 200,
@@ -422,9 +412,10 @@ def _resampled_fd(features: np.ndarray, idx: np.ndarray, reference: np.ndarray) 
     mu_ref, cov_ref = ref.mean(0), torch.cov(ref.T)
     values, vectors = torch.linalg.eigh(cov_ref)
     root = (vectors * values.clamp_min(0).sqrt()) @ vectors.T
+    features = torch.as_tensor(np.asarray(features, dtype=np.float64))
     out = []
     for chunk in np.array_split(idx, max(1, len(idx) // 50)):  # about 50 resamples at a time bounds memory
-        x = torch.as_tensor(np.asarray(features, dtype=np.float64))[torch.as_tensor(chunk)]  # (R, n, D)
+        x = features[torch.as_tensor(chunk)]  # (R, n, D)
         mu = x.mean(1)
         centred = x - mu[:, None]
         cov = centred.transpose(1, 2) @ centred / (x.shape[1] - 1)  # (R, D, D)

@@ -38,7 +38,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from ._runtime import check_writable_folder, default_device, init_distributed, seed_from, world_size
+from ._runtime import check_writable_folder, default_device, init_distributed, is_rank_zero, seed_from, world_size
 from .config import Config, ConfigError
 from .data import ImageFolder, LatentDataset, Shapes
 from .diffusion import Diffusion
@@ -180,17 +180,13 @@ def _newest_readable_checkpoint(out_dir: Path) -> tuple[Path, dict[str, Any]]:
         except Exception as err:  # noqa: BLE001 - any unreadable file is reported and skipped the same way
             reason = str(err).splitlines()[0] if str(err) else type(err).__name__
             failures.append(f"{path.name} ({reason})")
-            if _rank_zero():
+            if is_rank_zero():
                 path.rename(path.with_name(path.name + ".unreadable"))
                 print(f"checkpoint {path} cannot be read ({reason}); renamed to {path.name}.unreadable, resuming "
                       "from the next newest", file=sys.stderr, flush=True)
             continue
         return path, ckpt
     raise ValueError(f"no checkpoint in {folder} can be read: {'; '.join(failures)}")
-
-
-def _rank_zero() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _save_atomic(obj: Any, path: Path) -> None:
@@ -423,7 +419,7 @@ class Trainer:
         return path
 
     def _say(self, message: str) -> None:
-        if self.log_lines and _rank_zero():
+        if self.log_lines and is_rank_zero():
             print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
     def _progress_line(self, start: int, tr: Any, t0: float, last: float, first: bool) -> float:
@@ -439,11 +435,12 @@ class Trainer:
                   f"{int(left // 60)} min {int(left % 60)} s left")
         return now
 
-    def _non_finite(self, first_bad: torch.Tensor, last_ckpt: Path | None) -> None:
+    def _non_finite(self, first_bad: torch.Tensor) -> None:
         step = int(first_bad)
         where = f"at step {step}" if step > 0 else f"by step {self.step} (the weights are no longer finite)"
-        kept = (f"the last good checkpoint ({last_ckpt.name if last_ckpt else latest_checkpoint(self.out_dir)}) and "
-                "ema/ were left as they were" if latest_checkpoint(self.out_dir) else "no checkpoint was written")
+        good = latest_checkpoint(self.out_dir)
+        kept = f"the last good checkpoint ({good.name}) and ema/ were left as they were" if good else \
+            "no checkpoint was written"
         raise FloatingPointError(f"the training loss became non-finite {where}; stopped, and {kept}. Lower "
                                  "train.lr, set train.grad_clip, or check the data")
 
@@ -543,7 +540,7 @@ class Trainer:
                     if log_now or ((stop.requested or over) and self.world == 1):
                         metrics = self._reduce(sums, count, time.perf_counter() - interval_start)
                         if not math.isfinite(metrics["loss"]):  # all-reduced: every rank stops here alike
-                            self._non_finite(first_bad, last_ckpt)
+                            self._non_finite(first_bad)
                         sums.zero_()
                         count, interval_start = 0, time.perf_counter()
                         last_metrics = metrics
@@ -568,7 +565,7 @@ class Trainer:
                         stopping = False
                     if self.step % tr.checkpoint_every == 0 or self.step == tr.max_steps or stopping:
                         if not _all_finite(self._params):  # never overwrite a good checkpoint or ema/ with NaN
-                            self._non_finite(first_bad, last_ckpt)
+                            self._non_finite(first_bad)
                         ckpt = last_ckpt = self.save_checkpoint()
                     if is_main:
                         for hook in self.hooks:
