@@ -3,7 +3,6 @@ optional ``AutoencoderKL`` for latent models; ``save_pretrained``/``from_pretrai
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -13,7 +12,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from .diffusion import Diffusion
-from .sampling import SampleOutput, sample, scheduler_from_diffusion
+from .sampling import SampleOutput, fill_schedule_defaults, sample, scheduler_from_diffusion
 
 __all__ = ["FPDMPipeline", "FPDMPipelineOutput", "diffusion_from_scheduler", "scheduler_from_diffusion"]
 
@@ -155,12 +154,8 @@ class FPDMPipeline(DiffusionPipeline):
                 raise ValueError("give num_inference_steps or num_steps, not both")
             num_inference_steps = sampling.pop("num_steps")
         if "schedule" not in sampling:
-            fixed_point = "num_steps" in inspect.signature(self.transformer.forward).parameters
-            if budget is None and num_inference_steps is None:
-                num_inference_steps = 50
-            custom = not isinstance(sampling.get("allocation", "constant"), str)
-            if fixed_point and iters_per_step is None and not custom and (budget is None or num_inference_steps is None):
-                iters_per_step = 2
+            budget, iters_per_step, num_inference_steps = fill_schedule_defaults(
+                self.transformer, budget, iters_per_step, num_inference_steps, sampling.get("allocation", "constant"))
         diffusion = diffusion_from_scheduler(self.scheduler).to(self.device)
         self.transformer.eval()
         result = sample(self.transformer, class_labels, diffusion=diffusion, num_samples=num_samples,

@@ -88,8 +88,6 @@ def load_model(folder: str | os.PathLike, *, weights: bool | str = True, device:
     """
     import torch
 
-    from .diffusion import Diffusion
-
     folder = Path(folder)
     if folder.is_file():
         return _load_checkpoint_file(folder, weights, device)
@@ -112,16 +110,20 @@ def load_model(folder: str | os.PathLike, *, weights: bool | str = True, device:
         settings = json.loads((folder / "diffusion.json").read_text())
     elif (folder.parent / "config.json").is_file():
         settings = json.loads((folder.parent / "config.json").read_text()).get("diffusion", {})
-    settings = {k: v for k, v in settings.items() if k in ("num_timesteps", "beta_start", "beta_end",
-                                                         "zero_terminal_snr", "prediction")}
-    diffusion = Diffusion(learn_sigma=model.config.learn_sigma, **settings)
-    return model, diffusion
+    return model, _diffusion(settings, model)
+
+
+def _diffusion(settings: dict[str, Any], model: Any):
+    """The sampling schedule from saved diffusion settings (training-only keys such as the loss dropped)."""
+    from .diffusion import Diffusion
+
+    keys = ("num_timesteps", "beta_start", "beta_end", "zero_terminal_snr", "prediction")
+    return Diffusion(learn_sigma=model.config.learn_sigma, **{k: v for k, v in settings.items() if k in keys})
 
 
 def _load_checkpoint_file(path: Path, weights: bool | str, device: Any):
     import torch
 
-    from .diffusion import Diffusion
     from .models import create_model
 
     try:
@@ -141,9 +143,7 @@ def _load_checkpoint_file(path: Path, weights: bool | str, device: Any):
         model = create_model(name, **model_args)
         model.load_state_dict(ckpt["model"] if weights == "model" else ckpt["ema"])
         model = model.to(device).eval()
-    settings = {k: v for k, v in ckpt["config"].get("diffusion", {}).items()
-                if k in ("num_timesteps", "beta_start", "beta_end", "zero_terminal_snr", "prediction")}
-    return model, Diffusion(learn_sigma=model.config.learn_sigma, **settings)
+    return model, _diffusion(ckpt["config"].get("diffusion", {}), model)
 
 
 def _labels(args, num_classes: int, indices: range) -> torch.Tensor:
@@ -157,7 +157,7 @@ def _labels(args, num_classes: int, indices: range) -> torch.Tensor:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .sampling import plan, plot_residuals, sample
+    from .sampling import fill_schedule_defaults, plan, plot_residuals, sample
 
     allocation: Any = args.allocation
     if "," in allocation or allocation.isdigit():
@@ -171,12 +171,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.dry_run:
         _check_out(out, args.overwrite)
     model, diffusion = load_model(args.model, weights=False)
-    budget, iters, num_steps = args.budget, args.iters, args.num_steps
-    if budget is None and num_steps is None:  # the documented default: 50 timesteps (FPDM: 2 iterations each)
-        num_steps = 50
-    fixed_point = "num_steps" in __import__("inspect").signature(model.forward).parameters
-    if fixed_point and iters is None and not isinstance(allocation, list) and (budget is None or num_steps is None):
-        iters = 2
+    budget, iters, num_steps = fill_schedule_defaults(model, args.budget, args.iters, args.num_steps, allocation)
     try:
         schedule = plan(model, budget=budget, iters_per_step=iters, num_steps=num_steps, allocation=allocation,
                         ratio=args.ratio, tol=args.tol, num_train_timesteps=diffusion.num_timesteps)

@@ -82,6 +82,26 @@ def _is_fixed_point_model(model: Any) -> bool:
         return False
 
 
+#: What a caller that gives neither a budget nor a number of timesteps gets: 50 timesteps (diffusers' default),
+#: and for a fixed-point model 2 iterations at each.
+DEFAULT_NUM_STEPS = 50
+DEFAULT_ITERS_PER_STEP = 2
+
+
+def fill_schedule_defaults(model: Any, budget: int | None, iters_per_step: int | None, num_steps: int | None,
+                           allocation: str | Sequence[int] = "constant") -> tuple[int | None, int | None, int | None]:
+    """``(budget, iters_per_step, num_steps)`` completed with the defaults where a user gave too little for
+    :func:`plan`: no budget and no timesteps -> :data:`DEFAULT_NUM_STEPS` timesteps; a fixed-point model still
+    short of a second quantity (and not given per-timestep iterations) -> :data:`DEFAULT_ITERS_PER_STEP`. What
+    was given is kept, so inconsistent input still reaches :func:`plan` and its errors."""
+    if budget is None and num_steps is None:
+        num_steps = DEFAULT_NUM_STEPS
+    if (_is_fixed_point_model(model) and iters_per_step is None and isinstance(allocation, str)
+            and (budget is None or num_steps is None)):
+        iters_per_step = DEFAULT_ITERS_PER_STEP
+    return budget, iters_per_step, num_steps
+
+
 def _explicit_passes(model: Any) -> int | None:
     cfg = getattr(model, "config", None)
     if cfg is None:
