@@ -62,3 +62,45 @@ def test_plan_refuses(fpdm, kwargs, match):
 def test_sample_refuses(fpdm, labels, kwargs, match):
     with pytest.raises(ValueError, match=match):
         fd.sample(fpdm, labels, budget=6, iters_per_step=1, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"model": "", "budget": 6}, "model"),
+    ({"model": "FPDM", "budget": 0}, "budget"),
+    ({"model": "FPDM", "budget": 6, "iters_per_step": 1.5}, "iters_per_step"),
+    ({"model": "FPDM", "budget": 6, "iters_per_step": 2, "allocation": "adaptive"}, "allocation"),
+    ({"model": "FPDM", "budget": 6, "guidance_scale": float("nan")}, "guidance_scale"),
+])
+def test_experiment_setting_refuses(kwargs, match):
+    from fixedpoint_diffusion.experiment import Setting
+
+    with pytest.raises(ValueError, match=match):
+        Setting(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, match", [({"level": 95}, "level"), ({"level": 1.0}, "level"),
+                                           ({"resamples": 3}, "resamples"), ({"short": True}, "correct")])
+def test_bootstrap_refuses(kwargs, match):
+    import numpy as np
+
+    from fixedpoint_diffusion.experiment import bootstrap
+
+    rng = np.random.default_rng(0)
+    features, reference = rng.normal(size=(20, 3)), rng.normal(size=(50, 3))
+    correct = np.ones(10 if kwargs.pop("short", False) else 20, bool)
+    with pytest.raises(ValueError, match=match):
+        bootstrap(features, correct, reference, **kwargs)
+
+
+def test_train_equal_compute_refuses_a_bad_checkpoint_count(tmp_path):
+    from fixedpoint_diffusion.experiment import train_equal_compute
+
+    with pytest.raises(ValueError, match="checkpoints"):
+        train_equal_compute({"a": fd.load_config("tiny")}, 1e9, checkpoints=0)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_pipeline_refuses_a_generator_that_is_not_one(fpdm):
+    pipe = fd.FPDMPipeline(transformer=fpdm, scheduler=fd.scheduler_from_diffusion(fd.Diffusion()))
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+        pipe([0], num_inference_steps=2, generator=123)

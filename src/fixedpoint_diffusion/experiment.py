@@ -184,6 +184,8 @@ def train_equal_compute(configs: Mapping[str, Config], macs: float, *, device: t
         KeyboardInterrupt: a run was stopped by Ctrl-C or SIGTERM (after writing its checkpoint); the configs
             after it are not started.
     """
+    if not (isinstance(checkpoints, int) and not isinstance(checkpoints, bool) and checkpoints >= 1):
+        raise ValueError(f"checkpoints must be an int >= 1, got {checkpoints!r}")
     steps = training_steps(configs, macs)
     summaries = {}
     for name, config in configs.items():
@@ -229,6 +231,18 @@ class Setting:
     reuse: bool = True
     allocation: str = "constant"
     guidance_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.model, str) and self.model):
+            raise ValueError(f"Setting: model must be a non-empty name, got {self.model!r}")
+        for name, value in (("budget", self.budget), ("iters_per_step", self.iters_per_step)):
+            if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+                raise ValueError(f"Setting: {name} must be an int >= 1, got {value!r}")
+        if self.allocation not in ("constant", "increasing", "decreasing"):
+            raise ValueError(f"Setting: allocation must be 'constant', 'increasing' or 'decreasing', got "
+                             f"{self.allocation!r}")
+        if not (isinstance(self.guidance_scale, (int, float)) and math.isfinite(self.guidance_scale)):
+            raise ValueError(f"Setting: guidance_scale must be a finite number, got {self.guidance_scale!r}")
 
     @property
     def key(self) -> str:
@@ -366,6 +380,9 @@ def bootstrap(features: np.ndarray, correct: np.ndarray, reference: np.ndarray, 
         resample (the indices depend only on the sample count, ``resamples`` and ``seed``, so two settings of
         the same size resampled with the same seed are paired).
     """
+    _check_level(level)
+    if len(correct) != len(features):
+        raise ValueError(f"correct must hold one entry per sample ({len(features)}), got {len(correct)}")
     idx = _resample_indices(len(features), resamples, seed)
     fd = _resampled_fd(features, idx, reference)
     acc = correct[idx].mean(1)
@@ -386,6 +403,7 @@ def paired_difference(a: Mapping[str, Any], b: Mapping[str, Any], reference: np.
     Returns:
         ``{"fd": (difference, low, high), "accuracy": (difference, low, high)}``.
     """
+    _check_level(level)
     n = len(a["features"])
     if len(b["features"]) != n:
         raise ValueError(f"a and b must hold the same number of samples, got {n} and {len(b['features'])}")
@@ -424,6 +442,11 @@ def _resampled_fd(features: np.ndarray, idx: np.ndarray, reference: np.ndarray) 
         diff = mu - mu_ref
         out.append((diff * diff).sum(1) + cov.diagonal(dim1=1, dim2=2).sum(1) + cov_ref.trace() - 2 * cross)
     return torch.cat(out).numpy()
+
+
+def _check_level(level: Any) -> None:
+    if not (isinstance(level, float) and 0 < level < 1):
+        raise ValueError(f"level must be a float in (0, 1), e.g. 0.95, got {level!r}")
 
 
 def _resample_indices(n: int, resamples: int, seed: int) -> np.ndarray:

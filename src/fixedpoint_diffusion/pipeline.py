@@ -147,6 +147,8 @@ class FPDMPipeline(DiffusionPipeline):
             raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
         if generator is not None and seed is not None:
             raise ValueError("give generator or seed, not both")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"FPDMPipeline: generator must be a torch.Generator, got {type(generator).__name__}")
         if generator is not None:
             seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
         if "num_steps" in sampling:  # sample()'s name for it
