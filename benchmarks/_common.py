@@ -27,6 +27,13 @@ def _version(package: str) -> str | None:
         return None
 
 
+def default_device(device: str | None) -> torch.device:
+    """``device`` if given, else the GPU when there is one, else the CPU."""
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def device_name(device: torch.device) -> str:
     """A human-readable name of ``device``: the GPU's name, or the CPU's architecture and thread count."""
     if device.type == "cuda":

@@ -48,7 +48,6 @@ import _common
 import fixedpoint_diffusion as fd
 from fixedpoint_diffusion import pretrained
 from fixedpoint_diffusion.experiment import MICRO_MODEL, Scorer, Setting, score_settings, train_equal_compute
-from fixedpoint_diffusion.sample_cli import load_model
 
 
 def make_configs(args) -> dict[str, fd.Config]:
@@ -87,7 +86,7 @@ def run(args) -> dict:
     else:
         scorer = Scorer.build(image_size, args.work, num_reference=args.reference, seed=args.seed,
                               device=args.device, classifier_steps=20)
-    models = {name: load_model(Path(cfg.train.out_dir) / "ema", device=args.device) for name, cfg in configs.items()}
+    models = {name: fd.load_model(Path(cfg.train.out_dir) / "ema", device=args.device) for name, cfg in configs.items()}
     plan: list[tuple[str, Setting]] = []
     for budget in args.budgets:
         plan.append(("budget", Setting("DiT", budget)))
@@ -229,7 +228,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    device = fd._runtime.default_device(args.device)
+    device = _common.default_device(args.device)
     args.device = device
     record = _common.environment("benchmarks/quality.py", argv, device)
     result = run(args)

@@ -1,6 +1,6 @@
 """Training cost of FPDM against DiT, side by side in one run: parameters, peak memory, step time, forward MACs.
 
-Each model runs the real training step of ``fixedpoint_diffusion.train`` (the loss module the trainer wraps in
+Each model runs the real training step of ``fixedpoint_diffusion.training`` (the loss module the trainer wraps in
 DDP, AdamW, the EMA update) on random latents, with the same seeded draws for every model (timesteps, noise,
 label dropout and FPDM's stochastic-JFB step counts). Reported per model:
 
@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 import fixedpoint_diffusion as fd
-from fixedpoint_diffusion.train import Objective
+from fixedpoint_diffusion.training import Objective
 
 
 def _saved_bytes(objective, batch) -> int:

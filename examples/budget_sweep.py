@@ -67,7 +67,7 @@ from fixedpoint_diffusion import pretrained
 from fixedpoint_diffusion.evaluation import classifier_features, evaluate_samples, train_classifier
 from fixedpoint_diffusion.experiment import HELD_OUT_SEED, MICRO_MODEL, Scorer, bootstrap
 from fixedpoint_diffusion.pipeline import to_uint8
-from fixedpoint_diffusion.sample_cli import load_model
+from fixedpoint_diffusion.runs import load_model
 from fixedpoint_diffusion.sampling import ALLOCATIONS
 
 # The micro model of --tiny: 8x8 images, width 32, the test suite's size (tests/micro.py).
@@ -120,9 +120,8 @@ def build_scorer(args: argparse.Namespace, image_size: int, device: torch.device
         return Scorer.from_classifier(pretrained.classifier(device), seed=args.seed)
     if not args.tiny:
         return Scorer.build(image_size, args.work, seed=args.seed, device=device)
-    classifier, accuracy = train_classifier(image_size, steps=10, batch_size=64, num_train=640, num_test=128,
-                                            seed=args.seed, device=device)
-    classifier.info = {"accuracy": accuracy}
+    classifier, _ = train_classifier(image_size, steps=10, batch_size=64, num_train=640, num_test=128,
+                                     seed=args.seed, device=device)
     real = fd.Shapes(128, image_size, seed=HELD_OUT_SEED + args.seed)  # neither training nor classifier data
     reference, _ = classifier_features(classifier, to_uint8(real.images))
     return Scorer(classifier, reference)

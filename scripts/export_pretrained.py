@@ -21,7 +21,7 @@ import torch
 
 from fixedpoint_diffusion import pretrained
 from fixedpoint_diffusion.config import Config
-from fixedpoint_diffusion.sample_cli import load_model
+from fixedpoint_diffusion.runs import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -187,16 +187,19 @@ def test_help_and_argument_errors_need_no_torch():
 def test_demo_help_defaults_match_the_demo():
     from fixedpoint_diffusion import cli, demo
 
-    assert (cli.DEMO_CPU_MACS, cli.DEMO_GPU_MACS) == (demo._CPU_MACS, demo._SHIPPED_MACS)
+    assert (cli.demo.DEMO_CPU_MACS, cli.demo.DEMO_GPU_MACS) == (demo._CPU_MACS, demo._SHIPPED_MACS)
 
 
-def test_train_stays_the_function_after_its_module_is_imported():
+def test_train_is_the_function_and_no_module_shares_a_public_name():
     import importlib
+    import pkgutil
 
     import fixedpoint_diffusion as fd
 
-    train_module = importlib.import_module("fixedpoint_diffusion.train")  # binds the submodule on the package
-    assert callable(fd.train) and fd.train is train_module.train and fd.Trainer is train_module.Trainer
+    training = importlib.import_module("fixedpoint_diffusion.training")
+    assert callable(fd.train) and fd.train is training.train and fd.Trainer is training.Trainer
+    modules = {m.name for m in pkgutil.iter_modules(fd.__path__)}
+    assert not modules & set(fd.__all__), "a module and a public function share a name"
 
 
 def test_sample_takes_a_training_checkpoint_file(tmp_path, capsys):

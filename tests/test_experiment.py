@@ -11,7 +11,7 @@ import fixedpoint_diffusion as fd
 from fixedpoint_diffusion import evaluation as ev
 from fixedpoint_diffusion.experiment import Scorer, calibrate, train_for
 from fixedpoint_diffusion.pipeline import to_uint8
-from fixedpoint_diffusion.sample_cli import load_model
+from fixedpoint_diffusion.runs import load_model
 
 
 def _configs(root):
@@ -72,7 +72,7 @@ def test_an_interrupted_run_stops_the_whole_job(tmp_path, monkeypatch):
     import os
     import signal
 
-    from fixedpoint_diffusion.train import Trainer
+    from fixedpoint_diffusion.training import Trainer
 
     configs = _configs(tmp_path)
     plan_steps = {}
@@ -166,7 +166,7 @@ def test_train_equal_compute_is_reproducible_and_resumes(tmp_path):
 
 
 def test_batched_bootstrap_fd_equals_frechet_distance():
-    from fixedpoint_diffusion.experiment import _resample_indices, _resampled_fd
+    from fixedpoint_diffusion.scoring import _resample_indices, _resampled_fd
 
     rng = np.random.default_rng(0)
     features, reference = rng.normal(size=(60, 12)), rng.normal(size=(300, 12)) + 0.3

@@ -11,7 +11,7 @@ from micro import micro_raw
 
 import fixedpoint_diffusion as fd
 from fixedpoint_diffusion.cli import main as fpdm
-from fixedpoint_diffusion.sample_cli import load_model
+from fixedpoint_diffusion.runs import load_model
 
 
 def _train(out, *, max_steps=4, resume=False, **train):

@@ -79,7 +79,7 @@ def test_sample_then_eval_against_the_embedded_reference_with_the_shipped_classi
     """The documented path from a model to a score, with no file but the samples: `fpdm eval X shapes
     --classifier shapes`; its accuracy equals the shipped classifier's on the same images."""
     from fixedpoint_diffusion.cli import main as fpdm
-    from fixedpoint_diffusion.eval_cli import evaluate
+    from fixedpoint_diffusion.evaluation import evaluate
 
     out = tmp_path / "s"
     assert fpdm(["sample", "--model", str(pretrained.path("shapes-dit")), "--budget", "24", "--sampler", "ddim",

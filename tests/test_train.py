@@ -339,8 +339,8 @@ def test_no_progress_prints_plain_lines_a_log_can_follow(tmp_path, capsys):
 def test_a_tracker_whose_package_is_missing_is_refused_before_compute(kind, tmp_path, monkeypatch):
     import importlib
 
-    train_module = importlib.import_module("fixedpoint_diffusion.train")  # the module (fd.train is the function)
-    monkeypatch.setattr(train_module, "_tracker_available", lambda name: False)
+    trackers = importlib.import_module("fixedpoint_diffusion.trackers")
+    monkeypatch.setattr(trackers, "tracker_available", lambda name: False)
     raw = micro_raw(tmp_path / "run")
     raw["train"]["tracker"] = kind
     with pytest.raises(fd.ConfigError, match=rf"train.tracker='{kind}' needs the {kind} package.*fixedpoint\[{kind}\]"):
@@ -351,7 +351,7 @@ def test_a_tracker_whose_package_is_missing_is_refused_before_compute(kind, tmp_
 def test_tracker_none_writes_no_tracker_files_and_a_fake_tracker_sees_every_log_line(tmp_path, monkeypatch):
     import importlib
 
-    train_module = importlib.import_module("fixedpoint_diffusion.train")
+    train_module = importlib.import_module("fixedpoint_diffusion.training")
     raw = micro_raw(tmp_path / "run")
     raw["train"].update(tracker="none", max_steps=4, log_every=2)
     fd.train(fd.load_config(raw), progress=False)
@@ -365,7 +365,7 @@ def test_tracker_none_writes_no_tracker_files_and_a_fake_tracker_sees_every_log_
         def close(self):
             seen.append("closed")
 
-    monkeypatch.setattr(train_module._Tracker, "open", classmethod(lambda cls, config, out_dir: Fake()))
+    monkeypatch.setattr(train_module.Tracker, "open", classmethod(lambda cls, config, out_dir: Fake()))
     raw["train"].update(out_dir=str(tmp_path / "run2"))
     fd.train(fd.load_config(raw), progress=False)
     logged = [json.loads(line) for line in (tmp_path / "run2" / "log.jsonl").read_text().splitlines()]

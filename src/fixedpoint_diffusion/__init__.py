@@ -2,102 +2,63 @@
 objective, training (one process or many under ``torchrun``) and its data tools, budgeted sampling."""
 
 import importlib
-import sys
-import types
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # imported on first use instead, so that `fpdm --help` starts without loading torch
     from .checkpoints import load_official_checkpoint
     from .config import Config, ConfigError, DataConfig, DiffusionConfig, TrainConfig, list_configs, load_config
-    from .data import ImageFolder, LatentDataset, Shapes, extract_latents
+    from .data import ImageFolder, LatentDataset, Shapes, extract_latents, load_vae
+    from .demo import DemoSettings, run_demo
     from .diffusion import Diffusion, Loss
+    from .errors import InputError, InvalidValueError, MissingInputError, NotWritableError, OutputExistsError
+    from .evaluation import evaluate
+    from .generate import FolderSummary, check_output_folder, sample_to_folder
     from .models import FPDM, PRESETS, Cost, DiT, ModelOutput, create_model
     from .pipeline import FPDMPipeline, FPDMPipelineOutput, diffusion_from_scheduler, scheduler_from_diffusion
-    from .sampling import SampleOutput, Schedule, batches_for_rank, plan, plot_residuals, sample
-    from .train import Trainer, TrainState, TrainSummary, latest_checkpoint, train
+    from .runs import RunFolder, latest_checkpoint, load_model
+    from .sampling import SampleOutput, Schedule, batches_for_rank, fill_schedule_defaults, plan, plot_residuals, sample
+    from .training import Trainer, TrainState, TrainSummary, train
 
 __version__ = "0.1.0"
 
+_LAZY = {  # name -> the module that defines it
+    "load_official_checkpoint": "checkpoints",
+    **dict.fromkeys(["Config", "ConfigError", "DataConfig", "DiffusionConfig", "TrainConfig", "list_configs",
+                     "load_config"], "config"),
+    **dict.fromkeys(["ImageFolder", "LatentDataset", "Shapes", "extract_latents", "load_vae"], "data"),
+    **dict.fromkeys(["DemoSettings", "run_demo"], "demo"),
+    **dict.fromkeys(["Diffusion", "Loss"], "diffusion"),
+    **dict.fromkeys(["InputError", "InvalidValueError", "MissingInputError", "NotWritableError",
+                     "OutputExistsError"], "errors"),
+    "evaluate": "evaluation",
+    **dict.fromkeys(["FolderSummary", "check_output_folder", "sample_to_folder"], "generate"),
+    **dict.fromkeys(["FPDM", "PRESETS", "Cost", "DiT", "ModelOutput", "create_model"], "models"),
+    **dict.fromkeys(["FPDMPipeline", "FPDMPipelineOutput", "diffusion_from_scheduler", "scheduler_from_diffusion"],
+                    "pipeline"),
+    **dict.fromkeys(["RunFolder", "latest_checkpoint", "load_model"], "runs"),
+    **dict.fromkeys(["SampleOutput", "Schedule", "batches_for_rank", "fill_schedule_defaults", "plan",
+                     "plot_residuals", "sample"], "sampling"),
+    **dict.fromkeys(["Trainer", "TrainState", "TrainSummary", "train"], "training"),
+}
+
 __all__ = [
-    "FPDM",
-    "PRESETS",
-    "Config",
-    "ConfigError",
-    "Cost",
-    "DataConfig",
-    "DiT",
-    "Diffusion",
-    "DiffusionConfig",
-    "FPDMPipeline",
-    "FPDMPipelineOutput",
-    "ImageFolder",
-    "LatentDataset",
-    "Loss",
-    "ModelOutput",
-    "SampleOutput",
-    "Schedule",
-    "Shapes",
-    "TrainConfig",
-    "TrainState",
-    "TrainSummary",
-    "Trainer",
-    "batches_for_rank",
-    "create_model",
-    "diffusion_from_scheduler",
-    "extract_latents",
-    "latest_checkpoint",
-    "list_configs",
-    "load_config",
-    "load_official_checkpoint",
-    "plan",
-    "plot_residuals",
-    "sample",
-    "scheduler_from_diffusion",
-    "train",
+    "Config", "ConfigError", "Cost", "DataConfig", "DemoSettings", "DiT", "Diffusion", "DiffusionConfig", "FPDM",
+    "FPDMPipeline", "FPDMPipelineOutput", "FolderSummary", "ImageFolder", "InputError", "InvalidValueError",
+    "LatentDataset", "Loss", "MissingInputError", "ModelOutput", "NotWritableError", "OutputExistsError", "PRESETS",
+    "RunFolder", "SampleOutput", "Schedule", "Shapes", "TrainConfig", "TrainState", "TrainSummary", "Trainer",
+    "batches_for_rank", "check_output_folder", "create_model", "diffusion_from_scheduler", "evaluate",
+    "extract_latents", "fill_schedule_defaults", "latest_checkpoint", "list_configs", "load_config", "load_model",
+    "load_official_checkpoint", "load_vae", "plan", "plot_residuals", "run_demo", "sample", "sample_to_folder",
+    "scheduler_from_diffusion", "train",
 ]
 
-
-# name -> the module that defines it
-_LAZY = {
-    'Config': 'config',
-    'ConfigError': 'config',
-    'Cost': 'models',
-    'DataConfig': 'config',
-    'DiT': 'models',
-    'Diffusion': 'diffusion',
-    'DiffusionConfig': 'config',
-    'FPDM': 'models',
-    'FPDMPipeline': 'pipeline',
-    'FPDMPipelineOutput': 'pipeline',
-    'ImageFolder': 'data',
-    'LatentDataset': 'data',
-    'Loss': 'diffusion',
-    'ModelOutput': 'models',
-    'PRESETS': 'models',
-    'SampleOutput': 'sampling',
-    'Schedule': 'sampling',
-    'Shapes': 'data',
-    'TrainConfig': 'config',
-    'TrainState': 'train',
-    'TrainSummary': 'train',
-    'Trainer': 'train',
-    'batches_for_rank': 'sampling',
-    'create_model': 'models',
-    'diffusion_from_scheduler': 'pipeline',
-    'extract_latents': 'data',
-    'latest_checkpoint': 'train',
-    'list_configs': 'config',
-    'load_config': 'config',
-    'load_official_checkpoint': 'checkpoints',
-    'plan': 'sampling',
-    'plot_residuals': 'sampling',
-    'sample': 'sampling',
-    'scheduler_from_diffusion': 'pipeline',
-    'train': 'train',
-}
+#: Submodules reachable as attributes before they are imported (``fixedpoint_diffusion.pretrained.load(...)``).
+_SUBMODULES = frozenset({"evaluation", "experiment", "pretrained", "report", "scoring"})
 
 
 def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -107,17 +68,4 @@ def __getattr__(name: str):
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY})
-
-
-class _Package(types.ModuleType):
-    """Importing a submodule binds it on the package; ``train`` names both a submodule and the function it
-    defines, and the package attribute must stay the function (as it was when everything was imported eagerly)."""
-
-    def __setattr__(self, name: str, value: object) -> None:
-        if isinstance(value, types.ModuleType) and _LAZY.get(name) == name and hasattr(value, name):
-            value = getattr(value, name)
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
+    return sorted({*globals(), *_LAZY, *_SUBMODULES})

@@ -3,10 +3,16 @@ device of a process, and the process group under ``torchrun``."""
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import TYPE_CHECKING
+import signal
+import sys
+import threading
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from .errors import InvalidValueError, NotWritableError, OutputExistsError
 
 if TYPE_CHECKING:  # torch is imported where it is used: the fpdm command's start-up stays light
     import torch
@@ -28,18 +34,18 @@ def default_device(device: str | torch.device | None = None) -> torch.device:
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError) as err:
-        raise ValueError(f"device {device!r} is not a device torch knows (e.g. 'cpu', 'cuda', 'cuda:1')") from err
+        raise InvalidValueError(f"device {device!r} is not a device torch knows (e.g. 'cpu', 'cuda', 'cuda:1')") from err
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {str(device)!r}: CUDA is not available on this machine (use 'cpu')")
+            raise InvalidValueError(f"device {str(device)!r}: CUDA is not available on this machine (use 'cpu')")
         if device.index is None:
             return torch.device(f"cuda:{local}")
         if device.index >= torch.cuda.device_count():
-            raise ValueError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+            raise InvalidValueError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device {str(device)!r}: MPS is not available on this machine (use 'cpu')")
+        raise InvalidValueError(f"device {str(device)!r}: MPS is not available on this machine (use 'cpu')")
     elif device.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"device {str(device)!r} cannot run training or sampling here (use 'cpu' or 'cuda')")
+        raise InvalidValueError(f"device {str(device)!r} cannot run training or sampling here (use 'cpu' or 'cuda')")
     return device
 
 
@@ -74,9 +80,34 @@ def check_writable_folder(path: str | os.PathLike, what: str) -> None:
 
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise FileExistsError(f"{what} {str(path)!r} is a file, not a folder")
+        raise OutputExistsError(f"{what} {str(path)!r} is a file, not a folder")
     parent = next((p for p in (path, *path.parents) if p.exists()), Path("."))
     if not parent.is_dir():
-        raise FileExistsError(f"{what} {str(path)!r}: {str(parent)!r} is a file, not a folder")
+        raise OutputExistsError(f"{what} {str(path)!r}: {str(parent)!r} is a file, not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise PermissionError(f"{what} {str(path)!r}: {str(parent)!r} is not writable")
+        raise NotWritableError(f"{what} {str(path)!r}: {str(parent)!r} is not writable")
+
+
+class StopFlag(contextlib.AbstractContextManager):
+    """Turns SIGINT/SIGTERM into a flag checked at step boundaries (a second Ctrl-C stops at once)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name}: stopping after this step and writing a checkpoint "
+              f"(press Ctrl-C again to abort without one)", file=sys.stderr)
+
+    def __enter__(self) -> StopFlag:  # noqa: PYI034 - never subclassed
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)

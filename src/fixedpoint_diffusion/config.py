@@ -20,12 +20,13 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
+from .errors import InvalidValueError
 from .models import FPDM, DiT
 
 __all__ = ["Config", "ConfigError", "DataConfig", "DiffusionConfig", "TrainConfig", "list_configs", "load_config"]
 
 
-class ConfigError(ValueError):
+class ConfigError(InvalidValueError):
     """A configuration file or override that cannot be used (unknown key, wrong type, bad value)."""
 
 

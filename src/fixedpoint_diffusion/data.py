@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ._runtime import check_writable_folder, default_device, seed_from
+from .errors import InvalidValueError, MissingInputError
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageFolder", "LatentDataset", "Shapes", "extract_latents"]
 
@@ -47,9 +48,9 @@ class Shapes(Dataset):
 
     def __init__(self, num_samples: int = 8192, image_size: int = 16, seed: int = 0) -> None:
         if not (isinstance(num_samples, int) and num_samples >= 1):
-            raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
+            raise InvalidValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
         if not (isinstance(image_size, int) and image_size >= 4):
-            raise ValueError(f"image_size must be an int >= 4, got {image_size!r}")
+            raise InvalidValueError(f"image_size must be an int >= 4, got {image_size!r}")
         g = torch.Generator().manual_seed(seed)
         n = num_samples
         labels = torch.randint(0, self.num_classes, (n,), generator=g)
@@ -100,7 +101,7 @@ def _scan_image_folder(root: str | os.PathLike) -> tuple[list[str], list[tuple[s
     """Sorted class names and sorted (relative path, class) pairs of an image folder."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"image folder {str(root)!r} does not exist or is not a folder")
+        raise MissingInputError(f"image folder {str(root)!r} does not exist or is not a folder")
     subdirs = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if subdirs:
         classes = subdirs
@@ -110,7 +111,7 @@ def _scan_image_folder(root: str | os.PathLike) -> tuple[list[str], list[tuple[s
         classes = [root.name]
         items = [(p.name, 0) for p in sorted(root.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS]
     if not items:
-        raise ValueError(f"image folder {str(root)!r} holds no images ({', '.join(IMAGE_EXTENSIONS)}), neither "
+        raise InvalidValueError(f"image folder {str(root)!r} holds no images ({', '.join(IMAGE_EXTENSIONS)}), neither "
                          f"directly nor in class sub-folders")
     return classes, items
 
@@ -179,10 +180,10 @@ class LatentDataset(Dataset):
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
-            raise FileNotFoundError(f"latent folder {str(root)!r} does not exist or is not a folder")
+            raise MissingInputError(f"latent folder {str(root)!r} does not exist or is not a folder")
         manifest_path = self.root / _MANIFEST
         if not manifest_path.is_file():
-            raise FileNotFoundError(f"{str(manifest_path)!r} not found: {str(root)!r} is not a folder written by "
+            raise MissingInputError(f"{str(manifest_path)!r} not found: {str(root)!r} is not a folder written by "
                                     f"`fpdm extract-latents`")
         meta = json.loads(manifest_path.read_text())
         self.meta = meta
@@ -196,21 +197,21 @@ class LatentDataset(Dataset):
             latents_path, labels_path = self.root / shard["latents"], self.root / shard["labels"]
             for path in (latents_path, labels_path):
                 if not path.is_file():
-                    raise ValueError(f"latent folder {str(root)!r}: shard file {path.name!r} is missing (did every "
+                    raise InvalidValueError(f"latent folder {str(root)!r}: shard file {path.name!r} is missing (did every "
                                      f"rank of `fpdm extract-latents` finish?)")
             latents = np.load(latents_path, mmap_mode="r")
             labels = np.load(labels_path)
             if latents.ndim != 4 or tuple(latents.shape[1:]) != self.latent_shape:
-                raise ValueError(f"latent folder {str(root)!r}: {latents_path.name} holds latents of shape "
+                raise InvalidValueError(f"latent folder {str(root)!r}: {latents_path.name} holds latents of shape "
                                  f"{tuple(latents.shape)}, expected (N, {', '.join(map(str, self.latent_shape))})")
             if latents.shape[0] != shard["count"] or labels.shape != (shard["count"],):
-                raise ValueError(f"latent folder {str(root)!r}: {latents_path.name} holds {latents.shape[0]} latents "
+                raise InvalidValueError(f"latent folder {str(root)!r}: {latents_path.name} holds {latents.shape[0]} latents "
                                  f"and {labels.shape[0]} labels, the manifest says {shard['count']}")
             self._latents.append(latents)
             self._labels.append(labels)
         self._offsets = np.cumsum([0] + [a.shape[0] for a in self._latents])
         if self._offsets[-1] == 0:
-            raise ValueError(f"latent folder {str(root)!r} holds no latents")
+            raise InvalidValueError(f"latent folder {str(root)!r} holds no latents")
 
     def __len__(self) -> int:
         return int(self._offsets[-1])
@@ -251,6 +252,34 @@ def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
 
 
 @torch.no_grad()
+def check_vae_folder(vae: str | os.PathLike, subfolder: str | None = None, *, what: str = "vae") -> None:
+    """Refuse (naming ``what``) a folder that holds no diffusers config at ``subfolder``, before anything loads."""
+    config_file = Path(vae) / (subfolder or "") / "config.json"
+    if not config_file.is_file():
+        raise MissingInputError(f"{what} {str(vae)!r}: no config.json{' in ' + subfolder if subfolder else ''}; "
+                                f"give a local AutoencoderKL folder (saved with save_pretrained)")
+    try:
+        json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InvalidValueError(f"{what} {str(vae)!r}: {config_file} is not JSON ({err})") from None
+
+
+def load_vae(vae: str | os.PathLike, *, subfolder: str | None = None, device: str | torch.device = "cpu",
+             what: str = "vae") -> Any:
+    """A diffusers ``AutoencoderKL`` from a local folder (``subfolder="vae"`` of a pipeline folder), in eval mode;
+    never downloads."""
+    from diffusers import AutoencoderKL
+
+    check_vae_folder(vae, subfolder, what=what)
+    try:
+        model = AutoencoderKL.from_pretrained(Path(vae), subfolder=subfolder, local_files_only=True,
+                                              low_cpu_mem_usage=False)
+    except OSError as err:
+        raise InvalidValueError(f"{what} {str(vae)!r}: cannot be loaded as an AutoencoderKL "
+                                f"({str(err).splitlines()[0]})") from None
+    return model.to(device).eval()
+
+
 def extract_latents(images: str | os.PathLike, vae: str | os.PathLike, out: str | os.PathLike, *,
                     image_size: int = 256, batch_size: int = 32, flip: bool = False, posterior: str = "sample",
                     seed: int = 0, dtype: str = "float32", device: str | torch.device | None = None,
@@ -279,39 +308,25 @@ def extract_latents(images: str | os.PathLike, vae: str | os.PathLike, out: str 
     Returns:
         The output folder.
     """
-    from diffusers import AutoencoderKL
     from tqdm.auto import tqdm
 
     if posterior not in ("sample", "mean"):
-        raise ValueError(f"posterior must be 'sample' or 'mean', got {posterior!r}")
+        raise InvalidValueError(f"posterior must be 'sample' or 'mean', got {posterior!r}")
     if dtype not in ("float32", "float16"):
-        raise ValueError(f"dtype must be 'float32' or 'float16', got {dtype!r}")
+        raise InvalidValueError(f"dtype must be 'float32' or 'float16', got {dtype!r}")
     if not (isinstance(batch_size, int) and batch_size >= 1):
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        raise InvalidValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     if not (isinstance(image_size, int) and image_size >= 8 and image_size % 8 == 0):
-        raise ValueError(f"image_size must be a multiple of 8 (the VAE downsamples by 8), got {image_size!r}")
+        raise InvalidValueError(f"image_size must be a multiple of 8 (the VAE downsamples by 8), got {image_size!r}")
     rank = int(os.environ.get("RANK", "0")) if rank is None else rank
     world_size = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
     if not 0 <= rank < world_size:
-        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        raise InvalidValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
     classes, items = _scan_image_folder(images)  # errors on a missing/empty folder before the VAE is loaded
-    vae_path = Path(vae)
-    if not (vae_path / (vae_subfolder or "") / "config.json").is_file():
-        raise FileNotFoundError(f"vae {str(vae)!r}: no config.json{' in ' + vae_subfolder if vae_subfolder else ''}; "
-                                f"give a local AutoencoderKL folder (saved with save_pretrained)")
-    config_file = vae_path / (vae_subfolder or "") / "config.json"
-    try:
-        json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"vae {str(vae)!r}: {config_file} is not JSON ({err})") from None
+    check_vae_folder(vae, vae_subfolder)
     device = default_device(device)
     check_writable_folder(out, "out")
-    try:
-        model = AutoencoderKL.from_pretrained(vae_path, subfolder=vae_subfolder, local_files_only=True,
-                                              low_cpu_mem_usage=False).to(device).eval()
-    except (OSError, EnvironmentError) as err:
-        raise ValueError(f"vae {str(vae)!r}: cannot be loaded as an AutoencoderKL ({str(err).splitlines()[0]})") \
-            from None
+    model = load_vae(vae, subfolder=vae_subfolder, device=device)
     scaling = float(model.config.scaling_factor)
     shift = getattr(model.config, "shift_factor", None)
     out = Path(out)
@@ -329,7 +344,7 @@ def extract_latents(images: str | os.PathLike, vae: str | os.PathLike, out: str 
     if rank == 0:
         manifest: dict[str, Any] = {
             "format": 1, "classes": classes, "files": [rel for rel, _ in items], "image_size": image_size,
-            "latent_shape": latent_shape, "scaling_factor": scaling, "shift_factor": shift, "vae": str(vae_path),
+            "latent_shape": latent_shape, "scaling_factor": scaling, "shift_factor": shift, "vae": str(Path(vae)),
             "vae_subfolder": vae_subfolder, "flip": flip, "posterior": posterior, "seed": seed, "dtype": dtype,
             "world_size": world_size, "shards": shards}
         tmp = out / (_MANIFEST + ".tmp")

@@ -31,19 +31,21 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
+from . import pretrained
+from ._files import write_atomic
 from ._runtime import default_device
 from .config import Config, load_config
-from .experiment import (
-    HELD_OUT_SEED,
-    Scorer,
-    Setting,
-    bootstrap,
-    paired_difference,
-    score_settings,
-    train_equal_compute,
-    training_steps,
-)
+from .data import Shapes
+from .errors import InvalidValueError, OutputExistsError
+from .evaluation import HELD_OUT_SEED
+from .experiment import train_equal_compute, training_steps
+from .pipeline import image_grid, to_uint8
+from .report import html_report, markdown_report, plot_quality, plot_reuse_residuals, plot_training, write_record
+from .runs import load_model
+from .sampling import sample
+from .scoring import Scorer, Setting, bootstrap, paired_difference, score_settings
 
 __all__ = ["DemoSettings", "run_demo"]
 
@@ -110,25 +112,25 @@ class DemoSettings:
         """Raise ``ValueError`` naming the first bad field."""
         if not (isinstance(self.num_samples, int) and not isinstance(self.num_samples, bool)
                 and self.num_samples >= 16):
-            raise ValueError(f"num_samples must be an int >= 16 (two per class at least), got {self.num_samples!r}")
+            raise InvalidValueError(f"num_samples must be an int >= 16 (two per class at least), got {self.num_samples!r}")
         if not (isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0):
-            raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
+            raise InvalidValueError(f"seed must be an int >= 0, got {self.seed!r}")
         if not (isinstance(self.train_macs, (int, float)) and not isinstance(self.train_macs, bool)
                 and math.isfinite(self.train_macs) and self.train_macs >= 0):
-            raise ValueError(f"train_macs must be a finite number >= 0 (0: no training part), got "
+            raise InvalidValueError(f"train_macs must be a finite number >= 0 (0: no training part), got "
                              f"{self.train_macs!r}")
         if not (isinstance(self.guidance_scale, (int, float)) and math.isfinite(self.guidance_scale)
                 and self.guidance_scale >= 1):
-            raise ValueError(f"guidance_scale must be a finite number >= 1, got {self.guidance_scale!r}")
+            raise InvalidValueError(f"guidance_scale must be a finite number >= 1, got {self.guidance_scale!r}")
         for name in ("budgets", "iters", "no_reuse_iters", "allocation_budgets", "guidance_budgets"):
             values = getattr(self, name)
             if not (isinstance(values, tuple) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1
                                                       for v in values)):
-                raise ValueError(f"{name} must be a tuple of ints >= 1, got {values!r}")
+                raise InvalidValueError(f"{name} must be a tuple of ints >= 1, got {values!r}")
         if not self.budgets or not self.iters:
-            raise ValueError("budgets and iters must not be empty")
+            raise InvalidValueError("budgets and iters must not be empty")
         if 2 not in self.iters and (self.allocation_budgets or self.guidance_budgets):
-            raise ValueError("allocation_budgets and guidance_budgets sample FPDM at k = 2, so iters must hold 2")
+            raise InvalidValueError("allocation_budgets and guidance_budgets sample FPDM at k = 2, so iters must hold 2")
 
     def settings(self) -> list[Setting]:
         """Part 1's sampling settings, cheapest budget first; FPDM settings that would get no timestep (``k``
@@ -195,24 +197,15 @@ class _Clock:
 
 
 def _save_png(image: np.ndarray, path: Path) -> None:
-    from PIL import Image
-
-    tmp = path.with_name(path.stem + ".tmp.png")
-    Image.fromarray(image).save(tmp)
-    os.replace(tmp, path)
+    write_atomic(path, lambda fh: Image.fromarray(image).save(fh, format="PNG"))
 
 
 def _grid(images: np.ndarray) -> np.ndarray:
-    from .pipeline import image_grid
-
     return image_grid(images, columns=8, scale=max(1, 96 // images.shape[1]))  # tiles of about 96 px
 
 
 def _real_by_class(image_size: int, seed: int, rows: int = 8) -> np.ndarray:
     """Held-out real images laid out like the sample grids: image ``i`` of class ``i % 8``."""
-    from .data import Shapes
-    from .pipeline import to_uint8
-
     real = Shapes(64 * rows, image_size, seed=HELD_OUT_SEED + seed)
     order = torch.cat([torch.nonzero(real.labels == c).flatten()[:rows] for c in range(8)])
     return to_uint8(real.images[order.view(8, rows).T.reshape(-1)])
@@ -238,13 +231,13 @@ def run_demo(out: str | os.PathLike = "demo-results", *, settings: DemoSettings 
     settings.validate()
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise FileExistsError(f"out {str(out)!r} is a file, not a folder")
+        raise OutputExistsError(f"out {str(out)!r} is a file, not a folder")
     wanted = json.loads(json.dumps(asdict(settings)))
     stored_file = out / "demo.json"
     stored = json.loads(stored_file.read_text()) if stored_file.is_file() else None
     if stored is not None and stored != wanted:
         differ = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
-        raise FileExistsError(
+        raise OutputExistsError(
             f"out {str(out)!r} holds a demo run with other settings ("
             + ", ".join(f"{k}={stored.get(k)!r}" for k in differ) + "; asked for "
             + ", ".join(f"{k}={wanted.get(k)!r}" for k in differ) + "); use another --out or the same options")
@@ -263,9 +256,6 @@ def run_demo(out: str | os.PathLike = "demo-results", *, settings: DemoSettings 
 
 def _run(out: Path, settings: DemoSettings, wanted: dict[str, Any], device: torch.device,
          progress: bool) -> dict[str, Any]:
-    from . import pretrained
-    from .report import html_report, markdown_report, plot_quality, plot_reuse_residuals, write_record
-
     clock = _Clock(quiet=not progress)
     classifier = pretrained.classifier(device)
     scorer = Scorer.from_classifier(classifier, seed=settings.seed)
@@ -356,10 +346,6 @@ def _quality_bar(rows, real, budget: int) -> str:
 
 
 def _train_part(out: Path, settings: DemoSettings, scorer, device, progress, clock) -> dict[str, Any]:
-    from .pipeline import to_uint8
-    from .report import plot_training
-    from .sampling import sample
-
     configs = training_configs(settings, out / "part2" / "runs")
     steps = training_steps(configs, settings.train_macs)
     clock.say("part 2: training FPDM and DiT from scratch for equal compute ("
@@ -382,8 +368,6 @@ def _train_part(out: Path, settings: DemoSettings, scorer, device, progress, clo
 
     summaries = train_equal_compute(configs, settings.train_macs, device=device, progress=progress,
                                     hooks={name: [snapshot(name)] for name in configs})
-    from .sample_cli import load_model
-
     models = {name: load_model(s.out_dir / "ema", device=device) for name, s in summaries.items()}
     todo = [Setting("DiT", snapshot_budget), Setting("FPDM", snapshot_budget, 2)]
     clock.say(f"part 2: scoring both at budget {snapshot_budget}")

@@ -36,13 +36,27 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
-from torch.nn import functional as F
+
+from . import pretrained
+from ._runtime import check_writable_folder
+from .classifier import ShapesClassifier, classifier_features, train_classifier
+from .data import Shapes
+from .errors import InvalidValueError, MissingInputError, OutputExistsError
+from .inception import inception_features, load_inception
+from .pipeline import to_uint8
 
 __all__ = [
-    "FeatureStats", "ShapesClassifier", "classifier_features", "evaluate_samples", "frechet_distance",
-    "kernel_inception_distance", "load_images", "train_classifier",
+    "HELD_OUT_SEED", "SHAPES_REFERENCE", "FeatureStats", "ShapesClassifier", "classifier_features", "evaluate",
+    "evaluate_samples", "frechet_distance", "kernel_inception_distance", "load_images", "train_classifier",
 ]
+
+#: Seed of the embedded dataset's held-out real images (the reference of every Shapes score): far from the seeds of
+#: training data (``train.seed``) and of the classifier's own images.
+HELD_OUT_SEED = 3_000_017
+
+#: Give this as an image set for the embedded Shapes dataset's held-out real images, and as ``classifier`` for the
+#: classifier shipped with the package.
+SHAPES_REFERENCE = "shapes"
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -67,7 +81,7 @@ class FeatureStats:
         """Statistics of ``features`` (N, D), N >= 2; the covariance is the unbiased one (``ddof=1``)."""
         features = _as_features(features, "features")
         if features.shape[0] < 2:
-            raise ValueError(f"features needs at least 2 rows for a covariance, got {features.shape[0]}")
+            raise InvalidValueError(f"features needs at least 2 rows for a covariance, got {features.shape[0]}")
         return cls(features.mean(0), np.cov(features, rowvar=False), features.shape[0])
 
     def save(self, path: str | os.PathLike) -> None:
@@ -79,13 +93,13 @@ class FeatureStats:
         """Read statistics written by :meth:`save` or by pytorch-fid (``num`` is then unknown, -1)."""
         with np.load(path) as f:
             if "mu" not in f or "sigma" not in f:
-                raise ValueError(f"{path}: a statistics file needs arrays 'mu' and 'sigma', found {sorted(f.files)}")
+                raise InvalidValueError(f"{path}: a statistics file needs arrays 'mu' and 'sigma', found {sorted(f.files)}")
             stats = cls(f["mu"].astype(np.float64), f["sigma"].astype(np.float64),
                         int(f["num"]) if "num" in f else -1)
         if not (np.isfinite(stats.mu).all() and np.isfinite(stats.sigma).all()):
-            raise ValueError(f"{path}: the statistics hold non-finite values")
+            raise InvalidValueError(f"{path}: the statistics hold non-finite values")
         if stats.mu.ndim != 1 or stats.sigma.shape != (stats.mu.shape[0],) * 2:
-            raise ValueError(f"{path}: mu must be (D,) and sigma (D, D), got {stats.mu.shape} and {stats.sigma.shape}")
+            raise InvalidValueError(f"{path}: mu must be (D,) and sigma (D, D), got {stats.mu.shape} and {stats.sigma.shape}")
         return stats
 
 
@@ -94,9 +108,9 @@ def _as_features(x: np.ndarray | torch.Tensor, what: str) -> np.ndarray:
         x = x.detach().cpu().numpy()
     x = np.asarray(x, dtype=np.float64)
     if x.ndim != 2 or x.shape[0] == 0:
-        raise ValueError(f"{what} must be a non-empty (N, D) array, got shape {x.shape}")
+        raise InvalidValueError(f"{what} must be a non-empty (N, D) array, got shape {x.shape}")
     if not np.isfinite(x).all():
-        raise ValueError(f"{what} contains non-finite values")
+        raise InvalidValueError(f"{what} contains non-finite values")
     return x
 
 
@@ -118,7 +132,7 @@ def frechet_distance(a: FeatureStats | np.ndarray, b: FeatureStats | np.ndarray)
     a = a if isinstance(a, FeatureStats) else FeatureStats.from_features(a)
     b = b if isinstance(b, FeatureStats) else FeatureStats.from_features(b)
     if a.mu.shape != b.mu.shape:
-        raise ValueError(f"feature dimensions differ: {a.mu.shape[0]} and {b.mu.shape[0]}")
+        raise InvalidValueError(f"feature dimensions differ: {a.mu.shape[0]} and {b.mu.shape[0]}")
     root_a = _psd_sqrt(a.sigma)
     middle = root_a @ b.sigma @ root_a
     cross = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0, None)).sum()
@@ -142,12 +156,12 @@ def kernel_inception_distance(a: np.ndarray, b: np.ndarray, *, subsets: int = 10
     """
     a, b = _as_features(a, "a"), _as_features(b, "b")
     if a.shape[1] != b.shape[1]:
-        raise ValueError(f"feature dimensions differ: {a.shape[1]} and {b.shape[1]}")
+        raise InvalidValueError(f"feature dimensions differ: {a.shape[1]} and {b.shape[1]}")
     if not (isinstance(subsets, int) and subsets >= 1):
-        raise ValueError(f"subsets must be an int >= 1, got {subsets!r}")
+        raise InvalidValueError(f"subsets must be an int >= 1, got {subsets!r}")
     m = min(subset_size, a.shape[0], b.shape[0])
     if m < 2:
-        raise ValueError(f"KID needs at least 2 samples on each side, got {a.shape[0]} and {b.shape[0]}")
+        raise InvalidValueError(f"KID needs at least 2 samples on each side, got {a.shape[0]} and {b.shape[0]}")
     d = a.shape[1]
     rng = np.random.default_rng(seed)
     values = []
@@ -176,11 +190,11 @@ def load_images(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None]
     """
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file or folder")
+        raise MissingInputError(f"{path}: no such file or folder")
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES and p.is_file())
         if not files:
-            raise ValueError(f"{path}: no image files ({', '.join(_IMAGE_SUFFIXES)}) found")
+            raise InvalidValueError(f"{path}: no image files ({', '.join(_IMAGE_SUFFIXES)}) found")
         from PIL import Image
 
         arrays = []
@@ -188,171 +202,24 @@ def load_images(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None]
             with Image.open(file) as img:
                 arrays.append(np.asarray(img.convert("RGB")))
             if arrays[-1].shape != arrays[0].shape:
-                raise ValueError(f"{file}: size {arrays[-1].shape[:2]} differs from {files[0]}'s "
+                raise InvalidValueError(f"{file}: size {arrays[-1].shape[:2]} differs from {files[0]}'s "
                                  f"{arrays[0].shape[:2]}; all images must have the same size")
         return np.stack(arrays), None
     try:
         with np.load(path) as f:
             if "arr_0" not in f:
-                raise ValueError(f"{path}: an image .npz needs 'arr_0' (uint8 N x H x W x 3), found "
+                raise InvalidValueError(f"{path}: an image .npz needs 'arr_0' (uint8 N x H x W x 3), found "
                                  f"{sorted(f.files)}")
             images, labels = f["arr_0"], f.get("arr_1")
     except (OSError, EOFError, ValueError) as err:
         if str(path) in str(err):
             raise
-        raise ValueError(f"{path}: not a readable .npz of images ({str(err).splitlines()[0]})") from None
+        raise InvalidValueError(f"{path}: not a readable .npz of images ({str(err).splitlines()[0]})") from None
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"{path}: arr_0 must be uint8 of shape (N, H, W, 3), got {images.dtype} {images.shape}")
+        raise InvalidValueError(f"{path}: arr_0 must be uint8 of shape (N, H, W, 3), got {images.dtype} {images.shape}")
     if labels is not None and (labels.ndim != 1 or len(labels) != len(images)):
-        raise ValueError(f"{path}: arr_1 must hold one label per image ({len(images)}), got shape {labels.shape}")
+        raise InvalidValueError(f"{path}: arr_1 must hold one label per image ({len(images)}), got shape {labels.shape}")
     return images, labels
-
-
-def _batches(images: np.ndarray | torch.Tensor, batch_size: int, device: torch.device):
-    """uint8 NHWC arrays (or NCHW uint8 tensors) as float NCHW batches in [-1, 1] on ``device``."""
-    for i in range(0, images.shape[0], batch_size):
-        chunk = images[i:i + batch_size]
-        x = torch.as_tensor(chunk) if isinstance(chunk, np.ndarray) else chunk
-        if isinstance(chunk, np.ndarray):
-            x = x.permute(0, 3, 1, 2)
-        yield x.to(device=device, dtype=torch.float32) / 127.5 - 1
-
-
-# --------------------------------------------------------------------------------------------- classifier ---
-
-
-class ShapesClassifier(nn.Module):
-    """A small CNN for the embedded Shapes dataset; its penultimate features replace Inception's at small scale.
-
-    Three stages of two 3x3 convolutions (``width``, ``2 width``, ``4 width`` channels, GroupNorm, SiLU), average
-    pooling between stages, global average pooling to ``4 width`` features, a linear head.
-
-    Args:
-        image_size: side of the input images (the network is fully convolutional; the size is recorded so that a
-            saved classifier is only used on the images it was trained for).
-        num_classes: classes of the head.
-        width: channels of the first stage.
-    """
-
-    def __init__(self, image_size: int = 16, num_classes: int = 8, width: int = 32) -> None:
-        super().__init__()
-        self.config = {"image_size": image_size, "num_classes": num_classes, "width": width}
-        layers: list[nn.Module] = []
-        cin = 3
-        for stage, cout in enumerate((width, 2 * width, 4 * width)):
-            if stage:
-                layers.append(nn.AvgPool2d(2))
-            for _ in range(2):
-                layers += [nn.Conv2d(cin, cout, 3, padding=1), nn.GroupNorm(8, cout), nn.SiLU()]
-                cin = cout
-        self.body = nn.Sequential(*layers)
-        self.head = nn.Linear(cin, num_classes)
-        self.num_features = cin
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Penultimate features (N, 4 width) of images ``x`` in [-1, 1], (N, 3, H, W)."""
-        return self.body(x).mean((2, 3))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Class logits (N, num_classes)."""
-        return self.head(self.features(x))
-
-    def save(self, path: str | os.PathLike, **info: object) -> None:
-        """Write the weights, the constructor arguments and ``info`` (e.g. held-out accuracy) atomically."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save({"config": self.config, "state_dict": self.state_dict(), "info": info}, tmp)
-        os.replace(tmp, path)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike, device: torch.device | str | None = None) -> ShapesClassifier:
-        """Read a classifier written by :meth:`save`, in eval mode without gradients."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such classifier file")
-        try:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - any unreadable file gets the same one-line message
-            raise ValueError(f"{path}: not a ShapesClassifier file ({str(err).splitlines()[0]})") from None
-        if not (isinstance(blob, dict) and {"config", "state_dict"} <= set(blob)):
-            raise ValueError(f"{path}: not a ShapesClassifier file (expected keys 'config' and 'state_dict')")
-        model = cls(**blob["config"])
-        model.load_state_dict(blob["state_dict"])
-        model.info = blob.get("info", {})
-        return model.to(device or "cpu").eval().requires_grad_(False)
-
-
-def train_classifier(image_size: int = 16, *, steps: int = 400, batch_size: int = 128, lr: float = 3e-3,
-                     num_train: int = 16384, num_test: int = 2048, seed: int = 0,
-                     device: torch.device | str | None = None, progress: bool = False,
-                     ) -> tuple[ShapesClassifier, float]:
-    """Train a :class:`ShapesClassifier` on freshly generated Shapes images and measure it on held-out ones.
-
-    The training and test images come from seeds derived from ``seed`` and offset far from the seeds training
-    runs use for their data, so the classifier never sees the images a diffusion model was trained on. Training
-    is deterministic for a given seed and device. On 2 CPU cores the defaults take about 15 s and reach about
-    95% test accuracy.
-
-    Returns:
-        ``(classifier, test_accuracy)``; the classifier is in eval mode without gradients.
-    """
-    from .data import Shapes
-
-    for name, value, minimum in [("image_size", image_size, 1), ("steps", steps, 1), ("batch_size", batch_size, 1),
-                                 ("num_train", num_train, 1), ("num_test", num_test, 1)]:
-        if not (isinstance(value, int) and not isinstance(value, bool) and value >= minimum):
-            raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    device = torch.device(device or "cpu")
-    train = Shapes(num_train, image_size, seed=1_000_003 + seed)
-    test = Shapes(num_test, image_size, seed=2_000_003 + seed)
-    g = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = ShapesClassifier(image_size, Shapes.num_classes).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    # OneCycleLR divides by zero when the warm-up is exactly one step (steps=10 at 10%)
-    warmup = 0.1 if 0.1 * steps != 1 else 0.2
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=warmup)
-    from tqdm.auto import tqdm
-
-    for _ in tqdm(range(steps), desc="classifier", disable=not progress, leave=False):
-        idx = torch.randint(0, num_train, (batch_size,), generator=g)
-        x, y = train.images[idx], train.labels[idx]
-        x = torch.where(torch.rand(batch_size, 1, 1, 1, generator=g) < 0.5, x.flip(3), x)  # the trainer's flips
-        loss = F.cross_entropy(model(x.to(device)), y.to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-    model.eval().requires_grad_(False)
-    with torch.inference_mode():
-        correct = sum(int((model(x.to(device)).argmax(1).cpu() == y).sum())
-                      for x, y in zip(test.images.split(512), test.labels.split(512)))
-    return model, correct / num_test
-
-
-def classifier_features(model: ShapesClassifier, images: np.ndarray | torch.Tensor, *, batch_size: int = 512,
-                        device: torch.device | str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Penultimate features (float64) and predicted classes of uint8 NHWC images (or a uint8 NCHW tensor).
-
-    Returns:
-        ``(features (N, D), predictions (N,))``.
-    """
-    if images.shape[0] == 0:
-        raise ValueError("images is empty")
-    size = model.config["image_size"]
-    spatial = images.shape[1:3] if isinstance(images, np.ndarray) else images.shape[2:4]
-    if tuple(spatial) != (size, size):
-        raise ValueError(f"the classifier was trained on {size}x{size} images, got {tuple(spatial)}")
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    feats, preds = [], []
-    with torch.inference_mode():
-        for x in _batches(images, batch_size, device):
-            h = model.features(x)
-            feats.append(h.double().cpu())
-            preds.append(model.head(h).argmax(1).cpu())
-    return torch.cat(feats).numpy(), torch.cat(preds).numpy()
 
 
 def evaluate_samples(images: np.ndarray, labels: np.ndarray | Sequence[int] | None, classifier: ShapesClassifier,
@@ -381,4 +248,106 @@ def evaluate_samples(images: np.ndarray, labels: np.ndarray | Sequence[int] | No
     if keep_features:
         result.update(features=feats.astype(np.float32),
                       correct=None if labels is None else preds == np.asarray(labels))
+    return result
+
+
+# ------------------------------------------------------------------------------------ two image sets ---
+
+
+def _side(path: str, extract, what: str, image_size: int | None = None) -> tuple[Any, np.ndarray | None]:
+    """(features or FeatureStats, labels) of one side; ``"shapes"`` is the embedded dataset's held-out
+    reference (2000 real images at the classifier's size)."""
+    if path == SHAPES_REFERENCE:
+        if image_size is None:
+            raise InvalidValueError(f"{what}: the {SHAPES_REFERENCE!r} reference needs --classifier (its image size)")
+        real = Shapes(2000, image_size, seed=HELD_OUT_SEED)
+        return extract(to_uint8(real.images)), real.labels.numpy()
+    p = Path(path)
+    if p.is_file() and p.suffix == ".npz":
+        try:
+            with np.load(p) as f:
+                stats_only = "mu" in f and "sigma" in f and "arr_0" not in f
+        except (OSError, EOFError, ValueError) as err:
+            raise InvalidValueError(f"{what}: {p} is not a readable .npz ({str(err).splitlines()[0]})") from None
+        if stats_only:
+            return FeatureStats.load(p), None
+    if not p.exists():
+        raise MissingInputError(f"{what}: {p}: no such file or folder")
+    images, labels = load_images(p)
+    return extract(images), labels
+
+
+def evaluate(first: str, second: str | None, *, inception: str | None = None, preprocess: str = "pytorch-fid",
+             classifier: str | None = None, batch_size: int = 50, device: str | None = None,
+             kid_subsets: int = 100, kid_subset_size: int = 1000, save_stats: str | None = None,
+             seed: int = 0) -> dict[str, Any]:
+    """Compare two image sets (what ``fpdm eval`` computes), as a dict.
+
+    Each side is an ``.npz`` of images (``arr_0`` uint8 NHWC, optional ``arr_1`` labels: what ``fpdm sample`` writes
+    and ADM's evaluator reads), a folder of images, an ``.npz`` of precomputed statistics (``mu``, ``sigma``: what
+    ``save_stats`` and pytorch-fid's ``--save-stats`` write), or ``"shapes"``, the embedded dataset's held-out real
+    images. KID needs features on both sides, so it is skipped when a side is statistics only.
+
+    Exactly one of ``inception`` (a weights file) and ``classifier`` (a ShapesClassifier file) picks the features.
+    Returns ``fid`` (Inception) or ``fd`` (classifier), ``kid``/``kid_std`` when both sides have features,
+    ``accuracy`` for the classifier when the first side has labels, and the sample counts.
+    """
+    if (inception is None) == (classifier is None):
+        raise InvalidValueError("give exactly one of --inception (FID on Inception features) and --classifier "
+                         "(the small Shapes classifier)")
+    if second is None and save_stats is None:
+        raise InvalidValueError("give a second image set to compare with, or --save-stats to only write statistics")
+    for name, value in (("batch_size", batch_size), ("kid_subsets", kid_subsets),
+                        ("kid_subset_size", kid_subset_size)):
+        if value < 1:
+            raise InvalidValueError(f"{name} must be >= 1, got {value}")
+    for name, path in (("first", first), ("second", second)):  # before loading any network
+        if path is not None and path != SHAPES_REFERENCE and not Path(path).exists():
+            raise MissingInputError(f"{name} image set: {path}: no such file or folder")
+    if save_stats is not None:
+        target = Path(save_stats).resolve()
+        inputs = [Path(p).resolve() for p in (first, second) if p is not None]
+        if target in inputs:
+            raise OutputExistsError(f"--save-stats {save_stats!r} is one of the inputs: it would be replaced")
+        if target.exists():
+            raise OutputExistsError(f"--save-stats {save_stats!r} already exists; choose another file")
+        check_writable_folder(target.parent, "--save-stats")
+    predictions: list[np.ndarray] = []  # the classifier's, per side in order
+    if inception is not None:
+        net = load_inception(inception, device, preprocess=preprocess)
+
+        def extract(images: np.ndarray) -> np.ndarray:
+            return inception_features(net, images, batch_size=batch_size)
+
+        metric = "fid"
+    else:
+        if classifier == SHAPES_REFERENCE:
+            net = pretrained.classifier(device or "cpu")
+        else:
+            net = ShapesClassifier.load(classifier, device)
+
+        def extract(images: np.ndarray) -> np.ndarray:
+            feats, predicted = classifier_features(net, images, batch_size=batch_size)
+            predictions.append(predicted)
+            return feats
+
+        metric = "fd"
+    size = None if inception is not None else net.config["image_size"]
+    a, labels_a = _side(first, extract, "first image set", size)
+    result: dict[str, Any] = {"features": "inception" if inception else "shapes-classifier"}
+    if save_stats is not None:
+        if isinstance(a, FeatureStats):
+            raise InvalidValueError(f"--save-stats: {first} already holds statistics")
+        FeatureStats.from_features(a).save(save_stats)
+        result["saved_stats"] = str(save_stats)
+    if second is not None:
+        b, _ = _side(second, extract, "second image set", size)
+        result[metric] = frechet_distance(a, b)
+        result["num_first"] = a.num if isinstance(a, FeatureStats) else int(a.shape[0])
+        result["num_second"] = b.num if isinstance(b, FeatureStats) else int(b.shape[0])
+        if not isinstance(a, FeatureStats) and not isinstance(b, FeatureStats):
+            result["kid"], result["kid_std"] = kernel_inception_distance(
+                a, b, subsets=kid_subsets, subset_size=kid_subset_size, seed=seed)
+    if classifier is not None and labels_a is not None and not isinstance(a, FeatureStats):
+        result["accuracy"] = float((predictions[0] == labels_a).mean())
     return result

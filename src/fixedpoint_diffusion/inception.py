@@ -61,6 +61,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import InvalidValueError, MissingInputError
+
 __all__ = [
     "FID_INPUT_SIZE",
     "PREPROCESSING",
@@ -259,7 +261,7 @@ def resize_bilinear_tf1(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     ``a + (b - a) * t``, in the input's dtype; the coordinates are float32 as in TensorFlow.
     """
     if x.dim() != 4 or not x.is_floating_point():
-        raise ValueError(f"resize_bilinear_tf1 expects a floating-point (N, C, H, W) tensor, got {x.dtype} "
+        raise InvalidValueError(f"resize_bilinear_tf1 expects a floating-point (N, C, H, W) tensor, got {x.dtype} "
                          f"of shape {tuple(x.shape)}")
     out_h, out_w = (int(s) for s in size)
     in_h, in_w = x.shape[-2:]
@@ -281,7 +283,7 @@ def _check_images(images: torch.Tensor) -> None:
     if images.dtype != torch.uint8:
         raise TypeError(f"expected uint8 images with values 0..255, got dtype {images.dtype}")
     if images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(f"expected images of shape (N, 3, H, W), got {tuple(images.shape)}")
+        raise InvalidValueError(f"expected images of shape (N, 3, H, W), got {tuple(images.shape)}")
 
 
 def _preprocess(images: torch.Tensor, how: str) -> torch.Tensor:
@@ -341,7 +343,7 @@ class InceptionV3Features(nn.Module):
     @preprocess.setter
     def preprocess(self, value: str) -> None:
         if value not in PREPROCESSING:
-            raise ValueError(f"preprocess must be one of {PREPROCESSING}, got {value!r}")
+            raise InvalidValueError(f"preprocess must be one of {PREPROCESSING}, got {value!r}")
         self._preprocess = value
 
     def preprocess_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -432,23 +434,23 @@ def load_inception(path: str | os.PathLike, device: torch.device | str | None = 
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"Inception weights file not found: {path} (give the path of pytorch-fid's "
+        raise MissingInputError(f"Inception weights file not found: {path} (give the path of pytorch-fid's "
                                 "pt_inception-2015-12-05-6726825d.pth or torch-fidelity's "
                                 "weights-inception-2015-12-05-6726825d.pth; nothing is downloaded)")
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise ValueError(f"{path}: cannot be read as a PyTorch state dict "
+        raise InvalidValueError(f"{path}: cannot be read as a PyTorch state dict "
                          f"(torch.load(weights_only=True) failed: {err})") from err
     if not isinstance(state_dict, Mapping) or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state_dict.items()):
-        raise ValueError(f"{path}: expected a state dict (a mapping of parameter names to tensors), got a "
+        raise InvalidValueError(f"{path}: expected a state dict (a mapping of parameter names to tensors), got a "
                          f"{type(state_dict).__name__} that is not one")
     state_dict = normalise_state_dict(state_dict)
     model = InceptionV3Features(preprocess=preprocess)
     problem = _mismatch_report(model, state_dict)
     if problem is not None:
-        raise ValueError(f"{path}: not an FID Inception-v3 state dict (neither pytorch-fid's nor torch-fidelity's "
+        raise InvalidValueError(f"{path}: not an FID Inception-v3 state dict (neither pytorch-fid's nor torch-fidelity's "
                          f"format): {problem}")
     model.load_state_dict(state_dict)
     model.eval().requires_grad_(False)
@@ -467,10 +469,10 @@ def inception_features(model: nn.Module, images: np.ndarray | torch.Tensor, batc
     device; the model is moved there). A model in training mode is put in eval mode for the call and restored.
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+        raise InvalidValueError(f"batch_size must be positive, got {batch_size}")
     if isinstance(images, np.ndarray):
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(f"expected a uint8 numpy array of shape (N, H, W, 3), got {images.dtype} "
+            raise InvalidValueError(f"expected a uint8 numpy array of shape (N, H, W, 3), got {images.dtype} "
                              f"{images.shape}")
     elif isinstance(images, torch.Tensor):
         _check_images(images)

@@ -23,6 +23,12 @@ from typing import Any
 
 import torch
 
+from .classifier import ShapesClassifier
+from .diffusion import Diffusion
+from .errors import InvalidValueError, MissingInputError
+from .models import FPDM, DiT
+from .runs import load_model
+
 __all__ = ["MODELS", "classifier", "load", "path", "provenance"]
 
 #: The shipped models, by name.
@@ -32,20 +38,18 @@ MODELS = ("shapes-fpdm", "shapes-dit")
 def path(name: str) -> Path:
     """The folder of a shipped model (``"shapes-fpdm"``, ``"shapes-dit"``) or of ``"shapes-classifier"``."""
     if name not in (*MODELS, "shapes-classifier"):
-        raise ValueError(f"name must be one of {[*MODELS, 'shapes-classifier']}, got {name!r}")
+        raise InvalidValueError(f"name must be one of {[*MODELS, 'shapes-classifier']}, got {name!r}")
     folder = Path(str(resources.files("fixedpoint_diffusion") / "pretrained" / name))
     if not folder.is_dir():
-        raise FileNotFoundError(f"the shipped model {name!r} is missing from this installation ({folder}); "
+        raise MissingInputError(f"the shipped model {name!r} is missing from this installation ({folder}); "
                                 f"reinstall the package")
     return folder
 
 
-def load(name: str, *, device: torch.device | str = "cpu") -> tuple[Any, Any]:
+def load(name: str, *, device: torch.device | str = "cpu") -> tuple[DiT | FPDM, Diffusion]:
     """A shipped model in eval mode and the :class:`~fixedpoint_diffusion.Diffusion` it was trained with."""
-    from .sample_cli import load_model
-
     if name not in MODELS:
-        raise ValueError(f"name must be one of {list(MODELS)}, got {name!r}")
+        raise InvalidValueError(f"name must be one of {list(MODELS)}, got {name!r}")
     return load_model(path(name), device=device)
 
 
@@ -55,8 +59,6 @@ def provenance(name: str) -> dict[str, Any]:
     return json.loads((path(name) / "provenance.json").read_text())
 
 
-def classifier(device: torch.device | str = "cpu"):
+def classifier(device: torch.device | str = "cpu") -> ShapesClassifier:
     """The shipped :class:`~fixedpoint_diffusion.evaluation.ShapesClassifier` (16x16 Shapes, eval mode)."""
-    from .evaluation import ShapesClassifier
-
     return ShapesClassifier.load(path("shapes-classifier") / "classifier.pt", device)

@@ -16,16 +16,9 @@ Command line: ``fpdm train --config tiny train.max_steps=200`` (see ``fpdm train
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import math
-import os
-import re
-import shutil
-import signal
-import sys
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -38,15 +31,24 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from ._runtime import check_writable_folder, default_device, init_distributed, is_rank_zero, seed_from, world_size
+from ._runtime import (
+    StopFlag,
+    check_writable_folder,
+    default_device,
+    init_distributed,
+    is_rank_zero,
+    seed_from,
+    world_size,
+)
 from .config import Config, ConfigError
 from .data import ImageFolder, LatentDataset, Shapes
 from .diffusion import Diffusion
+from .errors import InvalidValueError, OutputExistsError
 from .models import FPDM, DiT, create_model
+from .runs import RunFolder, model_signature
+from .trackers import Tracker, check_tracker
 
-__all__ = ["Objective", "TrainState", "TrainSummary", "Trainer", "build_dataset", "latest_checkpoint", "train"]
-
-_CKPT = re.compile(r"^step-(\d{8})\.pt$")
+__all__ = ["Objective", "TrainState", "TrainSummary", "Trainer", "build_dataset", "train"]
 
 
 @dataclass
@@ -157,51 +159,6 @@ class Objective(nn.Module):
         return loss.loss, loss.mse.detach().mean(), loss.vb.detach().mean(), residual
 
 
-def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
-    """The newest complete ``step-XXXXXXXX.pt`` in ``out_dir/checkpoints`` (temporary files are ignored)."""
-    folder = Path(out_dir) / "checkpoints"
-    if not folder.is_dir():
-        return None
-    found = sorted(p for p in folder.iterdir() if _CKPT.match(p.name))
-    return found[-1] if found else None
-
-
-def _newest_readable_checkpoint(out_dir: Path) -> tuple[Path, dict[str, Any]]:
-    """The newest checkpoint that loads. One that does not (truncated by a crash, empty, not a checkpoint) is
-    renamed ``*.unreadable`` (kept for inspection, out of the way of resume and pruning) with a message naming it;
-    raises ``ValueError`` naming every file if none loads."""
-    folder = Path(out_dir) / "checkpoints"
-    failures = []
-    for path in sorted((p for p in folder.iterdir() if _CKPT.match(p.name)), reverse=True):
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-            if not (isinstance(ckpt, dict) and {"step", "model", "ema", "optimizer"} <= set(ckpt)):
-                raise ValueError("not a training checkpoint (missing step/model/ema/optimizer)")
-        except Exception as err:  # noqa: BLE001 - any unreadable file is reported and skipped the same way
-            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-            failures.append(f"{path.name} ({reason})")
-            if is_rank_zero():
-                path.rename(path.with_name(path.name + ".unreadable"))
-                print(f"checkpoint {path} cannot be read ({reason}); renamed to {path.name}.unreadable, resuming "
-                      "from the next newest", file=sys.stderr, flush=True)
-            continue
-        return path, ckpt
-    raise ValueError(f"no checkpoint in {folder} can be read: {'; '.join(failures)}")
-
-
-def _save_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def _model_signature(model: nn.Module) -> dict[str, Any]:
-    return {"class": type(model).__name__, **{k: v for k, v in dict(model.config).items() if not k.startswith("_")}}
-
-
 class Trainer:
     """One training run. Everything that can be wrong with the inputs (config values, data folder, data
     shapes and classes against the model, batch size against the number of processes and the dataset, an output
@@ -235,11 +192,12 @@ class Trainer:
                               f"processes ({self.world})")
         self.out_dir = Path(tr.out_dir)
         check_writable_folder(self.out_dir, "train.out_dir")
+        self.run_folder = RunFolder(self.out_dir)
 
         # Data (checks the folder, emptiness and latent shapes) and its fit with the model.
         self.dataset = build_dataset(config)
         if len(self.dataset) < tr.global_batch_size:
-            raise ValueError(f"the dataset has {len(self.dataset)} samples, fewer than one global batch "
+            raise InvalidValueError(f"the dataset has {len(self.dataset)} samples, fewer than one global batch "
                              f"(train.global_batch_size={tr.global_batch_size})")
         x, _ = self.dataset[0]
         m = config.model
@@ -250,20 +208,22 @@ class Trainer:
             hint = ("set model.in_channels/model.input_size to match the data" if config.data.kind != "latents" else
                     f"these latents come from {getattr(self.dataset, 'meta', {}).get('image_size')}px images; set "
                     f"model.input_size={x.shape[-1]} and model.in_channels={x.shape[0]}")
-            raise ValueError(f"data samples have shape {tuple(x.shape)} but {m['name']} expects {expected}: {hint}")
+            raise InvalidValueError(f"data samples have shape {tuple(x.shape)} but {m['name']} expects {expected}: "
+                                    f"{hint}")
         if self.dataset.num_classes > mc.num_classes:
-            raise ValueError(f"the dataset has {self.dataset.num_classes} classes but model.num_classes="
+            raise InvalidValueError(f"the dataset has {self.dataset.num_classes} classes but model.num_classes="
                              f"{mc.num_classes}")
 
         # An existing run is only continued on request, and only with the same model.
-        self.checkpoint_path = latest_checkpoint(self.out_dir)
+        self.checkpoint_path = self.run_folder.latest_checkpoint()
         if self.checkpoint_path is not None and not resume:
-            raise FileExistsError(f"{self.out_dir} already holds checkpoints (newest: {self.checkpoint_path.name}); "
+            raise OutputExistsError(f"{self.out_dir} already holds checkpoints (newest: {self.checkpoint_path.name}); "
                                   f"pass --resume (resume=True) to continue that run, or choose another "
                                   f"train.out_dir")
         self.checkpoint = None
         if self.checkpoint_path is not None:
-            self.checkpoint_path, self.checkpoint = _newest_readable_checkpoint(self.out_dir)
+            self.checkpoint_path, self.checkpoint = self.run_folder.newest_readable_checkpoint(
+                announce=is_rank_zero())
             self._check_checkpoint(self.checkpoint)
         self._setup_done = False
 
@@ -277,14 +237,14 @@ class Trainer:
             return create_model(name, **m)
 
     def _check_checkpoint(self, ckpt: dict[str, Any]) -> None:
-        ours, theirs = _model_signature(self.model), ckpt.get("model_signature", {})
+        ours, theirs = model_signature(self.model), ckpt.get("model_signature", {})
         diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
         if diff:
             shown = "; ".join(f"{k}: checkpoint {theirs.get(k)!r}, config {ours.get(k)!r}" for k in diff[:6])
-            raise ValueError(f"checkpoint {self.checkpoint_path} was written for another model ({shown})")
+            raise InvalidValueError(f"checkpoint {self.checkpoint_path} was written for another model ({shown})")
         saved_diffusion = ckpt.get("config", {}).get("diffusion")
         if saved_diffusion is not None and saved_diffusion != self.config.to_dict()["diffusion"]:
-            raise ValueError(f"checkpoint {self.checkpoint_path} was trained with diffusion settings "
+            raise InvalidValueError(f"checkpoint {self.checkpoint_path} was trained with diffusion settings "
                              f"{saved_diffusion}, the config says {self.config.to_dict()['diffusion']}")
 
     def setup(self) -> None:
@@ -399,21 +359,15 @@ class Trainer:
         ``train.keep_checkpoints``. Rank 0 writes; all ranks wait for it."""
         path = None
         if self.rank == 0:
-            folder = self.out_dir / "checkpoints"
-            folder.mkdir(parents=True, exist_ok=True)
-            path = folder / f"step-{self.step:08d}.pt"
             rng = {"torch": torch.get_rng_state()}
             if self.device.type == "cuda":
                 rng["cuda"] = torch.cuda.get_rng_state(self.device)
             state = {"format": 1, "step": self.step, "model": self.model.state_dict(),
                      "ema": self.ema.state_dict(), "optimizer": self.optimizer.state_dict(),
-                     "config": self.config.to_dict(), "model_signature": _model_signature(self.model), "rng": rng,
+                     "config": self.config.to_dict(), "model_signature": model_signature(self.model), "rng": rng,
                      "world_size": self.world, "train_seconds": self.train_seconds}
-            _save_atomic(state, path)
+            path = self.run_folder.write_checkpoint(state, self.step, keep=self.config.train.keep_checkpoints)
             self._save_ema()
-            old = sorted(p for p in folder.iterdir() if _CKPT.match(p.name))[:-self.config.train.keep_checkpoints]
-            for stale in old:
-                stale.unlink()
         if dist.is_initialized():
             dist.barrier()
         return path
@@ -438,49 +392,14 @@ class Trainer:
     def _non_finite(self, first_bad: torch.Tensor) -> None:
         step = int(first_bad)
         where = f"at step {step}" if step > 0 else f"by step {self.step} (the weights are no longer finite)"
-        good = latest_checkpoint(self.out_dir)
+        good = self.run_folder.latest_checkpoint()
         kept = f"the last good checkpoint ({good.name}) and ema/ were left as they were" if good else \
             "no checkpoint was written"
         raise FloatingPointError(f"the training loss became non-finite {where}; stopped, and {kept}. Lower "
                                  "train.lr, set train.grad_clip, or check the data")
 
-    def _repair_run_folder(self) -> None:
-        """Undo what a kill can leave behind, before the run continues: temporaries of checkpoint and EMA
-        writes, an ``ema/`` older than the checkpoint resumed from (or missing, after a kill between the two
-        renames that swap it), and log lines of the steps after that checkpoint (they are trained again)."""
-        folder = self.out_dir / "checkpoints"
-        if folder.is_dir():
-            for tmp in folder.glob("step-*.pt.tmp*"):
-                tmp.unlink()
-        shutil.rmtree(self.out_dir / "ema.tmp", ignore_errors=True)
-        if self.checkpoint_path is None:
-            return
-        step_file = self.out_dir / "ema" / "training_step.json"
-        ema_step = json.loads(step_file.read_text()).get("step") if step_file.is_file() else None
-        if ema_step != self.step:
-            self._save_ema()
-        shutil.rmtree(self.out_dir / "ema.old", ignore_errors=True)
-        log = self.out_dir / "log.jsonl"
-        if log.is_file():
-            lines = log.read_text().splitlines()
-            kept = [line for line in lines if line.strip() and _log_step(line) <= self.step]
-            if len(kept) != len(lines):
-                tmp = log.with_name(log.name + ".tmp")
-                tmp.write_text("".join(line + "\n" for line in kept))
-                os.replace(tmp, log)
-
     def _save_ema(self) -> None:
-        final, tmp, old = self.out_dir / "ema", self.out_dir / "ema.tmp", self.out_dir / "ema.old"
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.ema.save_pretrained(tmp)
-        (tmp / "training_step.json").write_text(json.dumps({"step": self.step}))
-        # The schedule the model was trained with, read by `fpdm sample --model .../ema`.
-        (tmp / "diffusion.json").write_text(json.dumps(self.config.to_dict()["diffusion"], indent=1))
-        if final.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+        self.run_folder.write_ema(self.ema, self.step, self.config.to_dict()["diffusion"])
 
     # --- the loop ---------------------------------------------------------------------------------------------
 
@@ -496,16 +415,19 @@ class Trainer:
         is_main = self.rank == 0
         if is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=1))
-            self._repair_run_folder()
-        log = open(self.out_dir / "log.jsonl", "a") if is_main else None  # noqa: SIM115 - closed in finally
-        board = _Tracker.open(self.config, self.out_dir) if is_main else None
+            self.run_folder.write_config(self.config.to_dict())
+            resumed = self.step if self.checkpoint_path is not None else None
+            if self.run_folder.repair(resumed):
+                self._save_ema()
+            self.run_folder.remove_stale_ema()
+        log = open(self.run_folder.log_file, "a") if is_main else None  # noqa: SIM115 - closed in finally
+        board = Tracker.open(self.config, self.out_dir) if is_main else None
         sampler = _StepBatches(len(self.dataset), tr.global_batch_size, self.rank, self.world, tr.seed, start,
                                tr.max_steps)
         loader = DataLoader(self.dataset, batch_sampler=sampler, collate_fn=_as_batch,
                             num_workers=self.config.data.num_workers, pin_memory=self.device.type == "cuda",
                             persistent_workers=False)
-        stop = _StopFlag()
+        stop = StopFlag()
         bar = tqdm(total=tr.max_steps, initial=start, desc="train", disable=not (is_main and self.progress),
                    dynamic_ncols=True)
         parameters = sum(p.numel() for p in self.model.parameters())
@@ -588,9 +510,7 @@ class Trainer:
                                out_dir=self.out_dir, checkpoint=last_ckpt,
                                ema_dir=self.out_dir / "ema" if last_ckpt is not None else None)
         if is_main:
-            with open(self.out_dir / "summary.json", "w") as fh:
-                json.dump({k: (str(v) if isinstance(v, Path) else v) for k, v in vars(summary).items()}, fh,
-                          indent=1)
+            self.run_folder.write_summary({k: (str(v) if isinstance(v, Path) else v) for k, v in vars(summary).items()})
         return summary
 
     def _reduce(self, sums: torch.Tensor, count: int, seconds: float) -> dict[str, float]:
@@ -607,94 +527,11 @@ def _all_finite(tensors: list[torch.Tensor]) -> bool:
     return bool(torch.stack([t.isfinite().all() for t in tensors]).all())
 
 
-def _log_step(line: str) -> float:
-    try:
-        return json.loads(line).get("step", float("inf"))
-    except json.JSONDecodeError:  # a line cut short by a kill
-        return float("inf")
-
-
 def _any_rank(flags: list[bool], device: torch.device) -> list[bool]:
     """Each flag OR-ed over all ranks (one all-reduce)."""
     value = torch.tensor([float(f) for f in flags], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return [bool(v) for v in value.tolist()]
-
-
-def _tracker_available(kind: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("tensorboard" if kind == "tensorboard" else "wandb") is not None
-
-
-def check_tracker(config: Config) -> None:
-    """Refuse a ``train.tracker`` whose package is missing (before any compute), naming the extra to install."""
-    kind = config.train.tracker
-    if kind in ("tensorboard", "wandb") and not _tracker_available(kind):
-        raise ConfigError(f"train.tracker={kind!r} needs the {kind} package: pip install \"fixedpoint[{kind}]\" "
-                          f"(or train.tracker='none')")
-
-
-class _Tracker:
-    """The log's metrics, also sent to TensorBoard or Weights & Biases."""
-
-    def __init__(self, kind: str, handle: Any) -> None:
-        self.kind, self.handle = kind, handle
-
-    @classmethod
-    def open(cls, config: Config, out_dir: Path) -> _Tracker | None:
-        kind = config.train.tracker
-        if kind == "auto":
-            kind = "tensorboard" if _tracker_available("tensorboard") else "none"
-        if kind == "tensorboard":
-            from torch.utils.tensorboard import SummaryWriter
-
-            return cls(kind, SummaryWriter(str(out_dir / "tensorboard")))
-        if kind == "wandb":
-            import wandb
-
-            run = wandb.init(project=os.environ.get("WANDB_PROJECT", "fpdm"), dir=str(out_dir),
-                             config=config.to_dict(), name=out_dir.name, resume="allow")
-            return cls(kind, run)
-        return None
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        if self.kind == "tensorboard":
-            for key, value in metrics.items():
-                self.handle.add_scalar(f"train/{key}", value, step)
-        else:
-            self.handle.log({f"train/{key}": value for key, value in metrics.items()}, step=step)
-
-    def close(self) -> None:
-        if self.kind == "tensorboard":
-            self.handle.close()
-        else:
-            self.handle.finish()
-
-
-class _StopFlag(contextlib.AbstractContextManager):
-    """Turns SIGINT/SIGTERM into a flag checked at step boundaries (a second Ctrl-C stops at once)."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print(f"\n{signal.Signals(signum).name}: stopping after this step and writing a checkpoint "
-              f"(press Ctrl-C again to abort without one)", file=sys.stderr)
-
-    def __enter__(self) -> _StopFlag:  # noqa: PYI034 - private, never subclassed
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def train(config: Config, *, resume: bool = False, device: str | torch.device | None = None,

@@ -1,0 +1,158 @@
+"""Sampling a trained model to a folder, over one process or many (``torchrun``): what ``fpdm sample`` runs.
+
+The folder holds ``samples/*.png`` (one per sample index), ``samples.npz`` (``arr_0`` uint8 NHWC, ``arr_1`` labels: the
+layout ADM's FID evaluator reads), ``grid.png``, ``diagnostics.json`` (the schedule, the settings and every batch's
+spent compute and residuals) and ``residuals.png``. Sample ``i``'s label and noise depend on ``(seed, i)`` only, so a
+sharded run writes the same images as a single process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ._files import write_atomic, write_json_atomic
+from ._runtime import check_writable_folder, init_distributed, seed_from, world_size
+from .diffusion import Diffusion
+from .errors import InvalidValueError, OutputExistsError
+from .pipeline import decode_latents, image_grid, to_uint8
+from .sampling import Schedule, batches_for_rank, plot_residuals, sample
+
+__all__ = ["FolderSummary", "check_output_folder", "sample_labels", "sample_to_folder"]
+
+_RESULTS = ("samples", "samples.npz", "grid.png", "diagnostics.json", "residuals.png")
+
+
+@dataclass(frozen=True)
+class FolderSummary:
+    """What :func:`sample_to_folder` wrote (rank 0's view; ``None`` fields on other ranks)."""
+
+    out: Path
+    num_samples: int
+    block_passes_per_image: float | None
+    planned_block_passes: int
+
+
+def check_output_folder(out: str | os.PathLike, *, overwrite: bool = False, what: str = "out") -> None:
+    """Refuse an output folder that cannot be written, or that holds an earlier run's results (unless
+    ``overwrite``), before any compute. ``what`` names the argument in the message."""
+    out = Path(out)
+    check_writable_folder(out, what)
+    found = [name for name in _RESULTS if (out / name).exists()]
+    if found and not overwrite:
+        raise OutputExistsError(f"{what} {str(out)!r} already holds results ({', '.join(found)}); choose another "
+                                "folder or pass overwrite (--overwrite) to replace them")
+
+
+def sample_labels(num_classes: int, indices: Sequence[int] | range, *, classes: Sequence[int] | None = None,
+                  seed: int = 0) -> torch.Tensor:
+    """The labels of samples ``indices``: ``classes`` cycled, or a uniform draw from ``(seed, i)`` per sample."""
+    if classes:
+        bad = [c for c in classes if not (isinstance(c, int) and 0 <= c < num_classes)]
+        if bad:
+            raise InvalidValueError(f"classes must be labels in [0, {num_classes}), got {bad}")
+        return torch.tensor([classes[i % len(classes)] for i in indices])
+    return torch.tensor([int(torch.randint(num_classes, (1,), generator=torch.Generator().manual_seed(
+        seed_from(seed, 4, i)))) for i in indices])
+
+
+def sample_to_folder(model: torch.nn.Module, diffusion: Diffusion, schedule: Schedule, out: str | os.PathLike, *,
+                     num_samples: int = 64, batch_size: int = 32, classes: Sequence[int] | None = None,
+                     seed: int = 0, sampler: str = "ddpm", eta: float = 0.0, guidance_scale: float = 1.0,
+                     guidance_channels: str = "all", reuse: bool = True, vae: Any = None,
+                     device: torch.device | str = "cpu", overwrite: bool = False, progress: bool = True,
+                     settings: Mapping[str, Any] | None = None) -> FolderSummary:
+    """Sample ``num_samples`` images under ``schedule`` into ``out``; every process of a ``torchrun`` job calls it
+    and takes its share of the batches.
+
+    Args:
+        model, diffusion: a trained model on ``device`` and its diffusion (:func:`~fixedpoint_diffusion.load_model`).
+        schedule: timesteps and iterations (:func:`~fixedpoint_diffusion.plan`).
+        out: the folder; earlier results in it are refused unless ``overwrite``.
+        num_samples, batch_size: images in all, and per forward.
+        classes: labels cycled over the samples (default: a random label per sample from ``(seed, i)``).
+        seed, sampler, eta, guidance_scale, guidance_channels, reuse: as in :func:`~fixedpoint_diffusion.sample`.
+        vae: a diffusers ``AutoencoderKL`` that decodes a latent model's samples.
+        progress: a progress bar per process.
+        settings: recorded in ``diagnostics.json`` (the command line's options, say).
+    """
+    for name, value in (("num_samples", num_samples), ("batch_size", batch_size)):
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            raise InvalidValueError(f"{name} must be an int >= 1, got {value!r}")
+    out = Path(out)
+    check_output_folder(out, overwrite=overwrite)
+    world = world_size()
+    rank = init_distributed(torch.device(device))
+    if dist.is_initialized():  # every rank has checked the folder before any writes to it
+        dist.barrier()
+    if rank == 0 and overwrite:
+        _clear_results(out)
+    if dist.is_initialized():
+        dist.barrier()
+    (out / "samples").mkdir(parents=True, exist_ok=True)
+    records, runs = [], []
+    for idx in tqdm(batches_for_rank(num_samples, batch_size, rank, world), desc=f"sample (rank {rank})",
+                    disable=not progress):
+        labels = sample_labels(model.config.num_classes, idx, classes=classes, seed=seed)
+        result = sample(model, labels, diffusion=diffusion, schedule=schedule, sampler=sampler, eta=eta,
+                        guidance_scale=guidance_scale, guidance_channels=guidance_channels, reuse=reuse, seed=seed,
+                        indices=list(idx), device=device)
+        images = decode_latents(vae, result.samples) if vae is not None else result.samples
+        for i, arr in zip(idx, to_uint8(images)):
+            Image.fromarray(arr).save(out / "samples" / f"{i:06d}.png")
+        records.append({"indices": [idx.start, idx.stop], "labels": labels.tolist(), **result.diagnostics()})
+        runs.append(result)
+    (out / f"diagnostics-rank{rank:03d}.json").write_text(json.dumps(records))
+    if dist.is_initialized():
+        dist.barrier()
+    spent = None
+    if rank == 0:
+        _gather(out, num_samples, schedule, world, dict(settings or {}))
+        if runs and runs[0].residuals is not None:
+            plot_residuals({f"reuse={'on' if reuse else 'off'} (first batch)": runs[0]}, str(out / "residuals.png"))
+        spent = sum(r.block_passes * r.samples.shape[0] for r in runs) / max(1, sum(r.samples.shape[0] for r in runs))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return FolderSummary(out=out, num_samples=num_samples, block_passes_per_image=spent,
+                         planned_block_passes=schedule.block_passes)
+
+
+def _clear_results(out: Path) -> None:
+    shutil.rmtree(out / "samples", ignore_errors=True)
+    for name in _RESULTS[1:]:
+        (out / name).unlink(missing_ok=True)
+
+
+def _gather(out: Path, num_samples: int, schedule: Schedule, world: int, settings: dict[str, Any]) -> None:
+    """Rank 0: gather every rank's PNGs into samples.npz and grid.png, and the diagnostics into one file."""
+    records = []
+    for r in range(world):
+        records += json.loads((out / f"diagnostics-rank{r:03d}.json").read_text())
+        (out / f"diagnostics-rank{r:03d}.json").unlink()
+    records.sort(key=lambda rec: rec["indices"][0])
+    labels = np.array([lab for rec in records for lab in rec["labels"]], dtype=np.int64)
+
+    def read(i: int) -> np.ndarray:
+        with Image.open(out / "samples" / f"{i:06d}.png") as img:
+            return np.asarray(img.convert("RGB"))
+
+    arrays = np.stack([read(i) for i in range(num_samples)])
+    write_atomic(out / "samples.npz", lambda fh: np.savez(fh, arr_0=arrays, arr_1=labels))
+    grid = image_grid(arrays[:64], scale=max(1, 64 // arrays.shape[1]))  # small images: tiles of at least 64 px
+    Image.fromarray(grid).save(out / "grid.png")
+    summary = {"schedule": {"timesteps": list(schedule.timesteps), "iterations": schedule.iterations,
+                            "allocation": schedule.allocation, "budget": schedule.budget,
+                            "block_passes_per_image": schedule.block_passes},
+               "settings": settings, "batches": records}
+    write_json_atomic(out / "diagnostics.json", summary)
