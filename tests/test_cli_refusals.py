@@ -222,3 +222,31 @@ def test_sample_takes_a_training_checkpoint_file(tmp_path, capsys):
     capsys.readouterr()
     assert fpdm([*base, "--model", str(tmp_path / "junk.pt"), "--out", str(tmp_path / "j")]) == 2
     assert "not a readable training checkpoint" in _error(capsys)
+
+
+def test_only_input_errors_become_one_line_other_exceptions_keep_their_traceback(monkeypatch, capsys):
+    import fixedpoint_diffusion as fd
+
+    def bad_input():
+        raise fd.InvalidValueError("config 'x': not a config")
+
+    monkeypatch.setattr(fd, "list_configs", bad_input)
+    assert fpdm(["configs"]) == 2
+    assert capsys.readouterr().err.strip() == "fpdm configs: error: config 'x': not a config"
+
+    def bug():
+        raise ValueError("a bug deep inside")
+
+    monkeypatch.setattr(fd, "list_configs", bug)
+    with pytest.raises(ValueError, match="a bug deep inside"):
+        fpdm(["configs"])
+
+
+def test_input_error_types_are_also_the_builtin_ones():
+    import fixedpoint_diffusion as fd
+
+    assert issubclass(fd.InvalidValueError, ValueError) and issubclass(fd.ConfigError, fd.InputError)
+    assert issubclass(fd.MissingInputError, FileNotFoundError) and issubclass(fd.OutputExistsError, FileExistsError)
+    assert issubclass(fd.NotWritableError, PermissionError)
+    assert all(issubclass(e, fd.InputError) for e in (fd.InvalidValueError, fd.MissingInputError,
+                                                      fd.OutputExistsError, fd.NotWritableError))
