@@ -370,3 +370,26 @@ def test_tracker_none_writes_no_tracker_files_and_a_fake_tracker_sees_every_log_
     fd.train(fd.load_config(raw), progress=False)
     logged = [json.loads(line) for line in (tmp_path / "run2" / "log.jsonl").read_text().splitlines()]
     assert seen == [(e["step"], e["loss"]) for e in logged] + ["closed"]
+
+
+def test_cpu_threads_are_chosen_deliberately_and_restored(tmp_path, monkeypatch):
+    from fixedpoint_diffusion._runtime import cpu_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert cpu_threads(0) == 2 and cpu_threads(3) == 3  # half of 8 cores, shared by 2 processes; explicit wins
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")
+    assert cpu_threads(0) == 5
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0}, raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert cpu_threads(0) == 1  # never 0
+    before = torch.get_num_threads()
+    raw = micro_raw(tmp_path / "run")
+    raw["train"].update(max_steps=2, cpu_threads=before + 1)
+    seen = []
+    fd.train(fd.load_config(raw), progress=False, hooks=[lambda state: seen.append(torch.get_num_threads())])
+    assert seen == [before + 1, before + 1] and torch.get_num_threads() == before
+    raw["train"]["cpu_threads"] = -1
+    with pytest.raises(fd.ConfigError, match="train.cpu_threads"):
+        fd.load_config(raw)

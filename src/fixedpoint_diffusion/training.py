@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader
 from ._runtime import (
     StopFlag,
     check_writable_folder,
+    cpu_threads,
     default_device,
     init_distributed,
     is_rank_zero,
@@ -257,6 +258,11 @@ class Trainer:
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = tr.tf32
             torch.backends.cudnn.allow_tf32 = tr.tf32
+        else:
+            threads = cpu_threads(tr.cpu_threads)
+            self._threads_before = torch.get_num_threads()  # restored when run() ends
+            torch.set_num_threads(threads)
+            self._say(f"CPU run: {threads} intra-op thread(s) (train.cpu_threads={tr.cpu_threads}; 0 chooses)")
         autocast = None
         if tr.mixed_precision == "bf16" or (tr.mixed_precision == "auto" and self.device.type == "cuda"):
             autocast = torch.bfloat16
@@ -497,6 +503,8 @@ class Trainer:
                         break
         finally:
             bar.close()
+            if getattr(self, "_threads_before", None):
+                torch.set_num_threads(self._threads_before)
             if log is not None:
                 log.close()
             if board is not None:
