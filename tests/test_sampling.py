@@ -292,7 +292,10 @@ def test_fpdm_sample_command(tmp_path, capsys):
     out = tmp_path / "out"
     args = ["sample", "--model", str(tmp_path / "model"), "--budget", "20", "--iters", "3", "--num-samples", "5",
             "--batch-size", "2", "--out", str(out), "--cfg-scale", "2", "--no-progress"]
+    capsys.readouterr()
     assert cli.main(args) == 0
+    log = capsys.readouterr().out.splitlines()  # --no-progress: plain lines a log can follow, then the summary
+    assert "sampled 2/5 images" in log[0] and "images/s" in log[0] and "sampled 5/5 images" in log[-2]
     with np.load(out / "samples.npz") as data:
         first, labels = data["arr_0"], data["arr_1"]
     assert first.shape == (5, 8, 8, 3) and first.dtype == np.uint8 and len(labels) == 5

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,7 +73,7 @@ def sample_to_folder(model: torch.nn.Module, diffusion: Diffusion, schedule: Sch
                      seed: int = 0, sampler: str = "ddpm", eta: float = 0.0, guidance_scale: float = 1.0,
                      guidance_channels: str = "all", reuse: bool = True, vae: Any = None,
                      device: torch.device | str = "cpu", overwrite: bool = False, progress: bool = True,
-                     settings: Mapping[str, Any] | None = None) -> FolderSummary:
+                     log_lines: bool = False, settings: Mapping[str, Any] | None = None) -> FolderSummary:
     """Sample ``num_samples`` images under ``schedule`` into ``out``; every process of a ``torchrun`` job calls it
     and takes its share of the batches.
 
@@ -85,6 +86,8 @@ def sample_to_folder(model: torch.nn.Module, diffusion: Diffusion, schedule: Sch
         seed, sampler, eta, guidance_scale, guidance_channels, reuse: as in :func:`~fixedpoint_diffusion.sample`.
         vae: a diffusers ``AutoencoderKL`` that decodes a latent model's samples.
         progress: a progress bar per process.
+        log_lines: without a bar, print plain lines a log can follow (rank 0): after the first batch and at least
+            every 30 s, the images done, the speed and the time left.
         settings: recorded in ``diagnostics.json`` (the command line's options, say).
     """
     for name, value in (("num_samples", num_samples), ("batch_size", batch_size)):
@@ -102,8 +105,9 @@ def sample_to_folder(model: torch.nn.Module, diffusion: Diffusion, schedule: Sch
         dist.barrier()
     (out / "samples").mkdir(parents=True, exist_ok=True)
     records, runs = [], []
-    for idx in tqdm(batches_for_rank(num_samples, batch_size, rank, world), desc=f"sample (rank {rank})",
-                    disable=not progress):
+    batches = batches_for_rank(num_samples, batch_size, rank, world)
+    lines = _ProgressLines(sum(len(idx) for idx in batches)) if log_lines and not progress and rank == 0 else None
+    for idx in tqdm(batches, desc=f"sample (rank {rank})", disable=not progress):
         labels = sample_labels(model.config.num_classes, idx, classes=classes, seed=seed)
         result = sample(model, labels, diffusion=diffusion, schedule=schedule, sampler=sampler, eta=eta,
                         guidance_scale=guidance_scale, guidance_channels=guidance_channels, reuse=reuse, seed=seed,
@@ -113,6 +117,8 @@ def sample_to_folder(model: torch.nn.Module, diffusion: Diffusion, schedule: Sch
             Image.fromarray(arr).save(out / "samples" / f"{i:06d}.png")
         records.append({"indices": [idx.start, idx.stop], "labels": labels.tolist(), **result.diagnostics()})
         runs.append(result)
+        if lines is not None:
+            lines.update(len(idx))
     (out / f"diagnostics-rank{rank:03d}.json").write_text(json.dumps(records))
     if dist.is_initialized():
         dist.barrier()
@@ -126,6 +132,25 @@ def sample_to_folder(model: torch.nn.Module, diffusion: Diffusion, schedule: Sch
         dist.destroy_process_group()
     return FolderSummary(out=out, num_samples=num_samples, block_passes_per_image=spent,
                          planned_block_passes=schedule.block_passes)
+
+
+class _ProgressLines:
+    """Plain progress lines for logs: after the first batch, then at most every 30 s."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done = total, 0
+        self.start = self.last = time.perf_counter()
+
+    def update(self, count: int) -> None:
+        first, self.done = self.done == 0, self.done + count
+        now = time.perf_counter()
+        if not (first or now - self.last >= 30 or self.done == self.total):
+            return
+        self.last = now
+        rate = self.done / max(now - self.start, 1e-9)
+        left = (self.total - self.done) / rate
+        print(f"[{time.strftime('%H:%M:%S')}] sampled {self.done}/{self.total} images (this process)  "
+              f"{rate:.2f} images/s  about {int(left // 60)} min {int(left % 60)} s left", flush=True)
 
 
 def _clear_results(out: Path) -> None:

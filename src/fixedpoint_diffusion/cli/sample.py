@@ -55,7 +55,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the schedule and its cost, run nothing")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the results of an earlier run in --out (refused otherwise)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar: plain lines instead (images done, speed, time left), for logs")
     p.set_defaults(func=run)
 
 
@@ -124,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
         model, diffusion, schedule, args.out, num_samples=args.num_samples, batch_size=args.batch_size,
         classes=classes, seed=args.seed, sampler=args.sampler, eta=args.eta, guidance_scale=args.cfg_scale,
         guidance_channels=args.guidance_channels, reuse=args.reuse, vae=vae, device=device,
-        overwrite=args.overwrite, progress=not args.no_progress,
+        overwrite=args.overwrite, progress=not args.no_progress, log_lines=args.no_progress,
         settings={k: v for k, v in vars(args).items() if k != "func"})
     if summary.block_passes_per_image is not None:  # rank 0
         spent = summary.block_passes_per_image
