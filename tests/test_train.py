@@ -393,3 +393,34 @@ def test_cpu_threads_are_chosen_deliberately_and_restored(tmp_path, monkeypatch)
     raw["train"]["cpu_threads"] = -1
     with pytest.raises(fd.ConfigError, match="train.cpu_threads"):
         fd.load_config(raw)
+
+
+def test_a_users_own_dataset_trains_like_the_configured_one(tmp_path):
+    """Trainer(dataset=...) takes any map-style dataset of (x, y) items: the same data as the config's Shapes,
+    served item by item, trains to the same weights."""
+    raw = micro_raw(tmp_path / "a")
+    raw["train"].update(max_steps=3)
+    config = fd.load_config(raw)
+    shapes = fd.training.build_dataset(config)
+
+    class Items(torch.utils.data.Dataset):
+        num_classes = shapes.num_classes
+
+        def __len__(self):
+            return len(shapes)
+
+        def __getitem__(self, i):
+            x, y = shapes.__getitems__([i])
+            return x[0], int(y[0])
+
+    fd.train(config, progress=False)
+    raw["train"]["out_dir"] = str(tmp_path / "b")
+    fd.train(fd.load_config(raw), progress=False, dataset=None)
+    trainer = fd.Trainer(fd.load_config({**raw, "train": {**raw["train"], "out_dir": str(tmp_path / "c")}}),
+                         progress=False, dataset=Items())
+    trainer.run()
+    a, _ = fd.load_model(tmp_path / "a" / "ema")
+    c, _ = fd.load_model(tmp_path / "c" / "ema")
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), c.state_dict().values()))
+    with pytest.raises(fd.InvalidValueError, match="num_classes"):
+        fd.Trainer(config, progress=False, dataset=torch.utils.data.TensorDataset(torch.zeros(70, 3, 8, 8)))

@@ -2,6 +2,7 @@
 objective, training (one process or many under ``torchrun``) and its data tools, budgeted sampling."""
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # imported on first use instead, so that `fpdm --help` starts without loading torch
@@ -52,15 +53,11 @@ __all__ = [
     "scheduler_from_diffusion", "train",
 ]
 
-#: Submodules reachable as attributes before they are imported (``fixedpoint_diffusion.pretrained.load(...)``).
-_SUBMODULES = frozenset({"evaluation", "experiment", "pretrained", "report", "scoring"})
-
-
 def __getattr__(name: str):
-    if name in _SUBMODULES:
-        return importlib.import_module(f".{name}", __name__)
     module = _LAZY.get(name)
     if module is None:
+        if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+            return importlib.import_module(f".{name}", __name__)  # a submodule, e.g. fd.pretrained.load(...)
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value
@@ -68,4 +65,4 @@ def __getattr__(name: str):
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY, *_SUBMODULES})
+    return sorted({*globals(), *_LAZY})

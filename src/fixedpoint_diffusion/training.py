@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from ._runtime import (
     StopFlag,
@@ -131,7 +131,12 @@ class _StepBatches:
 
 
 def _as_batch(batch):
-    return batch  # datasets return whole batches through __getitems__
+    """The loader's batch as ``(x, y)``: whole batches from ``__getitems__`` pass through, lists of items are
+    stacked."""
+    if isinstance(batch, list):
+        xs, ys = zip(*batch)
+        return torch.stack(xs), torch.as_tensor(ys)
+    return batch
 
 
 class Objective(nn.Module):
@@ -176,11 +181,15 @@ class Trainer:
         log_lines: without a bar, print plain lines a log can follow on rank 0: the loss at every log step and
             the first step, progress with speed and time left at least every 30 s, and when compilation starts
             and ends (``fpdm train --no-progress``).
+        dataset: your own data instead of the one the config's ``data`` section names: a map-style dataset whose
+            items are ``(x, y)`` (``x`` a (C, H, W) float tensor in the model's input range, ``y`` an int class) and
+            with a ``num_classes`` attribute; ``__getitems__(indices) -> (x, y)`` batches are used when present.
+            The run folder records the config only, so resuming needs the same dataset again.
     """
 
     def __init__(self, config: Config, *, resume: bool = False, device: str | torch.device | None = None,
                  hooks: Sequence[Callable[[TrainState], None]] = (), progress: bool = True,
-                 log_lines: bool = False) -> None:
+                 log_lines: bool = False, dataset: Dataset | None = None) -> None:
         config.validate()
         check_tracker(config)
         self.config, self.hooks, self.progress = config, list(hooks), progress
@@ -196,7 +205,9 @@ class Trainer:
         self.run_folder = RunFolder(self.out_dir)
 
         # Data (checks the folder, emptiness and latent shapes) and its fit with the model.
-        self.dataset = build_dataset(config)
+        self.dataset = build_dataset(config) if dataset is None else dataset
+        if not isinstance(getattr(self.dataset, "num_classes", None), int):
+            raise InvalidValueError("dataset must have an int num_classes attribute")
         if len(self.dataset) < tr.global_batch_size:
             raise InvalidValueError(f"the dataset has {len(self.dataset)} samples, fewer than one global batch "
                              f"(train.global_batch_size={tr.global_batch_size})")
@@ -544,10 +555,11 @@ def _any_rank(flags: list[bool], device: torch.device) -> list[bool]:
 
 def train(config: Config, *, resume: bool = False, device: str | torch.device | None = None,
           hooks: Sequence[Callable[[TrainState], None]] = (), progress: bool = True,
-          log_lines: bool = False) -> TrainSummary:
+          log_lines: bool = False, dataset: Dataset | None = None) -> TrainSummary:
     """Train a model as ``config`` says (see :class:`Trainer` for the arguments); returns the run's
     :class:`TrainSummary`. Under ``torchrun``, call it in every process."""
-    trainer = Trainer(config, resume=resume, device=device, hooks=hooks, progress=progress, log_lines=log_lines)
+    trainer = Trainer(config, resume=resume, device=device, hooks=hooks, progress=progress, log_lines=log_lines,
+                      dataset=dataset)
     try:
         return trainer.run()
     finally:
