@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from griffe import Docstring, ExprName, Extension, Object
+from griffe import AliasResolutionError, CyclicAliasError, Docstring, ExprName, Extension, Object
 
 # ``:role:`target``` or ``:role:`~dotted.target``` (the tilde shows only the last component, as in Sphinx).
 _ROLE = re.compile(r":(?:py:)?(?:class|func|meth|attr|mod|data|obj|exc):`(~?)([^`]+)`")
@@ -134,9 +134,9 @@ def _inline_constant_defaults(obj: Object, seen: set[str]) -> None:
                     target = obj.modules_collection[default.canonical_path]
                     while target.is_alias:
                         target = target.target
-                except Exception:  # not a constant of the package (a builtin, a name griffe cannot resolve)
-                    continue
-                if target.is_attribute and target.value is not None:
+                except (KeyError, AliasResolutionError, CyclicAliasError):
+                    target = None  # not a constant of the package (a builtin, a name griffe cannot resolve)
+                if target is not None and target.is_attribute and target.value is not None:
                     parameter.default = target.value
     for member in obj.members.values():
         _inline_constant_defaults(member, seen)
