@@ -85,7 +85,7 @@ def test_implicit_is_reentrant_same_layer_twice_in_one_graph():
 
 
 def test_implicit_options_default_to_forward_and_can_be_set():
-    from fixedpoint._solve import forward_options
+    from fixedpoint._forward import forward_options
 
     options = forward_options(solver="broyden", max_steps=17, rtol=1e-3, atol=1e-5, check_every=2, trace=False,
                               on_nonfinite="report")

@@ -8,7 +8,7 @@ import torch
 from problems import affine, dense_implicit_grad, tanh_layer, tanh_map
 
 import fixedpoint as fp
-from fixedpoint.diagnostics import _rademacher
+from fixedpoint._penalty import _rademacher
 
 
 def dense_jacobians(f, z):

@@ -210,7 +210,7 @@ def test_deq_keep_with_a_dict_state():
 
 
 def test_adjoint_and_other_derived_solves_do_not_keep():
-    from fixedpoint._solve import forward_options
+    from fixedpoint._forward import forward_options
 
     options = forward_options(solver="anderson", max_steps=9, rtol=1e-4, atol=0, check_every=1, trace=False,
                               on_nonfinite="report", keep=[1, 3])

@@ -1,6 +1,6 @@
 """A griffe extension for the docs build: make the code's docstrings read well as Markdown.
 
-Three rewrites, applied to each docstring before griffe parses it:
+Three rewrites, applied to each docstring before griffe parses it, and one to signatures:
 
 - A module attribute without a docstring takes the comment block right above it (``#:``, Sphinx's doc-comment
   marker, or plain ``#``) as its docstring: the code documents constants such as ``SOLVERS`` that way, and the
@@ -13,6 +13,8 @@ Three rewrites, applied to each docstring before griffe parses it:
   would show one untyped row for several parameters. Written as one entry per name (each with the shared
   description), every name gets its annotation and default from the signature, and the strict checks stay on for
   everything else: a documented name that is not in the signature still fails the build.
+- A parameter default that names a module constant shows the constant's value. The code writes shared defaults
+  once (``max_steps: int = MAX_STEPS`` in ``solve``, ``DEQ`` and their helpers); the page shows ``50``.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from griffe import Docstring, Extension, Object
+from griffe import AliasResolutionError, CyclicAliasError, Docstring, ExprName, Extension, Object
 
 # ``:role:`target``` or ``:role:`~dotted.target``` (the tilde shows only the last component, as in Sphinx).
 _ROLE = re.compile(r":(?:py:)?(?:class|func|meth|attr|mod|data|obj|exc):`(~?)([^`]+)`")
@@ -114,3 +116,27 @@ class MarkdownDocstrings(Extension):
                 obj.docstring = Docstring(text, lineno=obj.lineno - 1, parent=obj)
         if obj.docstring is not None:
             obj.docstring.value = split_grouped_entries(strip_roles(obj.docstring.value))
+
+    def on_package(self, *, pkg: Object, **kwargs: Any) -> None:
+        """Show the value of every parameter default that names a module constant (see the module docstring)."""
+        _inline_constant_defaults(pkg, set())
+
+
+def _inline_constant_defaults(obj: Object, seen: set[str]) -> None:
+    if obj.is_alias or obj.path in seen:
+        return
+    seen.add(obj.path)
+    if obj.is_function:
+        for parameter in obj.parameters:
+            default = parameter.default
+            if isinstance(default, ExprName):
+                try:
+                    target = obj.modules_collection[default.canonical_path]
+                    while target.is_alias:
+                        target = target.target
+                except (KeyError, AliasResolutionError, CyclicAliasError):
+                    target = None  # not a constant of the package (a builtin, a name griffe cannot resolve)
+                if target is not None and target.is_attribute and target.value is not None:
+                    parameter.default = target.value
+    for member in obj.members.values():
+        _inline_constant_defaults(member, seen)

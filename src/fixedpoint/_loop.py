@@ -10,7 +10,7 @@ from typing import Literal
 
 import torch
 
-from ._solution import Status
+from ._solution import status_of
 from .solvers._base import Solver, algebra_dtype
 
 __all__ = ["LoopResult", "run_loop"]
@@ -80,11 +80,6 @@ def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def _status(converged: torch.Tensor, nonfinite: torch.Tensor) -> torch.Tensor:
-    status = torch.where(nonfinite, int(Status.NONFINITE), int(Status.MAX_STEPS))
-    return torch.where(converged, int(Status.CONVERGED), status)
-
-
 def _raise_if_nonfinite(nonfinite: torch.Tensor, num_steps: int) -> None:
     if bool(nonfinite.any()):
         bad = nonfinite.nonzero().flatten().tolist()
@@ -103,7 +98,7 @@ def report(fz: torch.Tensor, z: torch.Tensor, *, rtol: float, atol: float, on_no
     converged = _within(residual, fz, rtol, atol)
     if on_nonfinite == "raise":
         _raise_if_nonfinite(nonfinite, num_steps)
-    return residual, converged, _status(converged, nonfinite)
+    return residual, converged, status_of(converged, nonfinite)
 
 
 @torch.no_grad()
@@ -213,7 +208,7 @@ def run_loop(
         _raise_if_nonfinite(nonfinite, num_steps)
     return LoopResult(
         z=best_fz.view(shape), residual=best_res.view(batch), converged=converged,
-        status=_status(converged, nonfinite), num_steps=num_steps,
+        status=status_of(converged, nonfinite), num_steps=num_steps,
         trace=torch.stack(residuals).view(-1, batch) if trace else None,
         kept=None if keep is None else tuple(kept),
     )

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Solution", "State", "Status"]
+__all__ = ["Solution", "State", "Status", "status_of"]
 
 #: A fixed-point state: one tensor, a tuple of tensors or a dict of tensors, every leaf with the batch leading.
 State = torch.Tensor | tuple[torch.Tensor, ...] | dict[Hashable, torch.Tensor]
@@ -23,6 +23,12 @@ class Status(enum.IntEnum):
     """The step limit was reached first (always the case in fixed-step mode unless the residual is exactly met)."""
     NONFINITE = 2
     """``f`` produced NaN or Inf for this sample; the best finite iterate seen (if any) is returned."""
+
+
+def status_of(converged: torch.Tensor, nonfinite: torch.Tensor) -> torch.Tensor:
+    """The :class:`Status` codes ``(B,)`` int64 from ``(B,)`` bool flags: converged wins, then non-finite."""
+    status = torch.where(nonfinite, int(Status.NONFINITE), int(Status.MAX_STEPS))
+    return torch.where(converged, int(Status.CONVERGED), status)
 
 
 @dataclass(frozen=True, eq=False)

@@ -5,91 +5,27 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Hashable, Sequence
-from types import MappingProxyType
 from typing import Any, Literal
 
 import torch
 
+from ._forward import ATOL, CHECK_EVERY, MAX_STEPS, RTOL, SOLVER, Forward, SolverName, forward_options, to_solution
+from ._inputs import check_leaf, check_map
+from ._options import resolve
+from ._penalty import jacobian_penalty
 from ._solution import Solution, State
-from .backward import JFB, Backward, Implicit
-from .backward._base import Forward, to_solution
-from .solvers import Anderson, Broyden, Iteration, Solver
+from .backward import BACKWARDS, Backward
+from .solvers import Solver
 
-__all__ = ["BACKWARDS", "SOLVERS", "solve"]
+__all__ = ["BackwardName", "as_backward", "check_state", "solve", "solve_with"]
 
-SolverName = Literal["iteration", "anderson", "broyden"]
+#: The names that stand alone for ``backward=`` (``"stochastic_jfb"`` needs options, see ``BACKWARDS``).
 BackwardName = Literal["jfb", "implicit"]
 
-#: Names accepted for ``solver=``, each with its default options.
-SOLVERS: MappingProxyType[str, type[Solver]] = MappingProxyType(
-    {"iteration": Iteration, "anderson": Anderson, "broyden": Broyden})
-#: Names accepted for ``backward=``. ``StochasticJFB`` has no defaults to stand for, so it has no name.
-BACKWARDS: MappingProxyType[str, type[Backward]] = MappingProxyType({"jfb": JFB, "implicit": Implicit})
 
-
-def _as_solver(solver: Solver | str, what: str = "solver") -> Solver:
-    if isinstance(solver, Solver):
-        return solver
-    if isinstance(solver, str):
-        if solver not in SOLVERS:
-            raise ValueError(f"{what} must be a Solver or one of {sorted(SOLVERS)}, got {solver!r}")
-        return SOLVERS[solver]()
-    raise TypeError(f"{what} must be a Solver or one of {sorted(SOLVERS)}, got {type(solver).__name__}")
-
-
-def _as_backward(backward: Backward | str | None) -> Backward | None:
-    if backward is None or isinstance(backward, Backward):
-        return backward
-    if isinstance(backward, str):
-        if backward not in BACKWARDS:
-            raise ValueError(f"backward must be None, a Backward or one of {sorted(BACKWARDS)}, got {backward!r}")
-        return BACKWARDS[backward]()
-    raise TypeError(f"backward must be None, a Backward or one of {sorted(BACKWARDS)}, "
-                    f"got {type(backward).__name__}")
-
-
-def _check_steps(value: object, what: str) -> None:
-    if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-        raise ValueError(f"{what} must be an int >= 1, got {value!r}")
-
-
-def _check_tol(value: object, what: str) -> None:
-    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0):
-        raise ValueError(f"{what} must be a finite number >= 0, got {value!r}")
-
-
-def _check_keep(keep: object, max_steps: int) -> tuple[int, ...] | None:
-    allowed = f"None or a list/tuple/range of distinct ints in 1..max_steps={max_steps}"
-    if keep is None:
-        return None
-    if not isinstance(keep, (list, tuple, range)):
-        raise TypeError(f"keep must be {allowed}, got {type(keep).__name__}")
-    for step in keep:
-        if not (isinstance(step, int) and not isinstance(step, bool) and 1 <= step <= max_steps):
-            raise ValueError(f"keep must be {allowed}, got {list(keep)!r} (bad entry {step!r})")
-    if len(set(keep)) != len(keep):
-        raise ValueError(f"keep must be {allowed}, got {list(keep)!r} (repeated entries)")
-    return tuple(keep)
-
-
-def forward_options(*, solver: Solver | str, max_steps: int, rtol: float, atol: float, check_every: int,
-                    trace: bool, on_nonfinite: str, keep: Sequence[int] | None = None,
-                    num_jacobian_projections: int = 0) -> Forward:
-    """Validate the forward options of ``solve``/``DEQ`` (the one place that does) and bundle them."""
-    _check_steps(max_steps, "max_steps")
-    _check_tol(rtol, "rtol")
-    _check_tol(atol, "atol")
-    _check_steps(check_every, "check_every")
-    if not isinstance(trace, bool):
-        raise TypeError(f"trace must be a bool, got {type(trace).__name__}")
-    if on_nonfinite not in ("report", "raise"):
-        raise ValueError(f"on_nonfinite must be one of ['raise', 'report'], got {on_nonfinite!r}")
-    if not (isinstance(num_jacobian_projections, int) and not isinstance(num_jacobian_projections, bool)
-            and num_jacobian_projections >= 0):
-        raise ValueError(f"num_jacobian_projections must be an int >= 0, got {num_jacobian_projections!r}")
-    return Forward(solver=_as_solver(solver), max_steps=max_steps, rtol=float(rtol), atol=float(atol),
-                   check_every=check_every, trace=trace, on_nonfinite=on_nonfinite,  # type: ignore[arg-type]
-                   keep=_check_keep(keep, max_steps), num_jacobian_projections=num_jacobian_projections)
+def as_backward(backward: Backward | str | None) -> Backward | None:
+    """``backward=`` of ``solve`` and ``DEQ`` as a :class:`Backward` (or ``None``)."""
+    return resolve(backward, BACKWARDS, Backward, "backward", allow_none=True)
 
 
 def _checked(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -113,16 +49,6 @@ def _checked(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor) -> Cal
         return fz if fz.dtype == dtype else fz.to(dtype)
 
     return checked
-
-
-def _check_leaf(leaf: object, what: str) -> torch.Tensor:
-    if not isinstance(leaf, torch.Tensor):
-        raise TypeError(f"{what} must be a torch.Tensor, got {type(leaf).__name__}")
-    if not leaf.is_floating_point():
-        raise TypeError(f"{what} must have a floating-point dtype, got {leaf.dtype}")
-    if leaf.dim() < 1 or leaf.shape[0] == 0:
-        raise ValueError(f"{what} must have a non-empty leading batch dimension, got shape {tuple(leaf.shape)}")
-    return leaf
 
 
 # --- Tuple and dict states -------------------------------------------------------------------------------------
@@ -152,7 +78,7 @@ class _Layout:
         # A namedtuple comes back as itself (its fields by position); other tuples as plain tuples.
         self.make = type(z0)._make if hasattr(type(z0), "_fields") else tuple
         for label, leaf in zip(self.labels, leaves):
-            _check_leaf(leaf, f"{what}{label}")
+            check_leaf(leaf, f"{what}{label}")
         first = leaves[0]
         self.batch, self.device = first.shape[0], first.device
         for label, leaf in zip(self.labels[1:], leaves[1:]):
@@ -231,7 +157,7 @@ def check_state(z0: object, what: str = "z0") -> _Layout | None:
     if not isinstance(z0, torch.Tensor):
         raise TypeError(f"{what} must be a torch.Tensor, a tuple of tensors or a dict of tensors, "
                         f"got {type(z0).__name__}")
-    _check_leaf(z0, what)
+    check_leaf(z0, what)
     return None
 
 
@@ -239,12 +165,12 @@ def solve(
     f: Callable[[State], State],
     z0: State,
     *,
-    solver: Solver | SolverName = "anderson",
+    solver: Solver | SolverName = SOLVER,
     backward: Backward | BackwardName | None = None,
-    max_steps: int = 50,
-    rtol: float = 1e-4,
-    atol: float = 1e-6,
-    check_every: int = 1,
+    max_steps: int = MAX_STEPS,
+    rtol: float = RTOL,
+    atol: float = ATOL,
+    check_every: int = CHECK_EVERY,
     trace: bool = False,
     on_nonfinite: Literal["report", "raise"] = "report",
     keep: Sequence[int] | None = None,
@@ -314,13 +240,12 @@ def solve(
             ``f(z)`` is not shaped like ``z0`` (a leaf of another shape, a missing or unexpected key).
         FloatingPointError: with ``on_nonfinite="raise"``, when a sample goes non-finite.
     """
-    if not callable(f):
-        raise TypeError(f"f must be callable, got {type(f).__name__}")
+    check_map(f)
     layout = check_state(z0)
     options = forward_options(solver=solver, max_steps=max_steps, rtol=rtol, atol=atol, check_every=check_every,
                               trace=trace, on_nonfinite=on_nonfinite, keep=keep,
                               num_jacobian_projections=num_jacobian_projections)
-    return solve_with(f, z0, options, _as_backward(backward), layout)
+    return solve_with(f, z0, options, as_backward(backward), layout)
 
 
 def solve_with(f: Callable[[State], State], z0: State, options: Forward, backward: Backward | None,
@@ -338,8 +263,6 @@ def solve_with(f: Callable[[State], State], z0: State, options: Forward, backwar
     else:
         sol = backward.solve(flat_f, flat_z0, options)
     if options.num_jacobian_projections and torch.is_grad_enabled():
-        from .diagnostics import jacobian_penalty  # diagnostics builds on solve: imported here, not at the top
-
         # At the returned point, as a constant: the penalty trains f's parameters (and inputs), not the solve.
         penalty = jacobian_penalty(flat_f, sol.z.detach(), num_projections=options.num_jacobian_projections)
         sol = dataclasses.replace(sol, jacobian_penalty=penalty)

@@ -20,6 +20,8 @@ from contextvars import ContextVar
 import torch
 from torch import nn
 
+from ._options import is_int, is_number
+
 __all__ = ["PassScope", "VariationalDropout", "pass_scope"]
 
 
@@ -59,6 +61,17 @@ class PassScope:
         """
         state = self._state.get(id(module))
         return state if isinstance(state, torch.Tensor) else None
+
+    def set_mask(self, module: VariationalDropout, mask: torch.Tensor) -> None:
+        """Record ``mask`` as the one ``module`` drew in this scope, so that its later calls here reuse it: what
+        ``module`` does on its first training-mode call, and how a gradient check replays a pass on a copy.
+
+        Raises:
+            TypeError: ``mask`` is not a tensor.
+        """
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"PassScope.set_mask: mask must be a torch.Tensor, got {type(mask).__name__}")
+        self._state[id(module)] = mask
 
     def claim(self, module: nn.Module) -> bool:
         """True the first time ``module`` asks in this scope, False after: "do the once-per-pass work now"."""
@@ -179,12 +192,12 @@ class VariationalDropout(PassLocal):
 
     def __init__(self, p: float, *, shared_dims: Sequence[int] = ()) -> None:
         super().__init__()
-        if not isinstance(p, (int, float)) or isinstance(p, bool):
+        if not is_number(p):
             raise TypeError(f"VariationalDropout: p must be a number in [0, 1), got {type(p).__name__}")
         if not (math.isfinite(p) and 0 <= p < 1):
             raise ValueError(f"VariationalDropout: p must be in [0, 1), got {p!r}")
         if not isinstance(shared_dims, (tuple, list)) or not all(
-                isinstance(d, int) and not isinstance(d, bool) for d in shared_dims):
+                is_int(d) for d in shared_dims):
             raise TypeError(f"VariationalDropout: shared_dims must be a tuple of ints, got {shared_dims!r}")
         if len(set(shared_dims)) != len(shared_dims):
             raise ValueError(f"VariationalDropout: shared_dims must not repeat a dimension, got {shared_dims!r}")
@@ -225,7 +238,7 @@ class VariationalDropout(PassLocal):
         mask = scope.mask(self)
         if mask is None:
             mask = self._draw(x, scope.generator)
-            scope._state[id(self)] = mask
+            scope.set_mask(self, mask)
         else:
             if mask.shape != self.mask_shape(x.shape) or mask.device != x.device:
                 raise ValueError(f"VariationalDropout: called with an input of shape {tuple(x.shape)} on "

@@ -8,8 +8,9 @@ from typing import Literal
 import torch
 from torch import nn
 
+from ._forward import ATOL, CHECK_EVERY, MAX_STEPS, RTOL, SOLVER, SolverName, forward_options
 from ._solution import Solution, State
-from ._solve import BackwardName, SolverName, _as_backward, check_state, forward_options, solve_with
+from ._solve import BackwardName, as_backward, check_state, solve_with
 from .backward import Backward
 from .dropout import one_pass
 from .solvers import Solver
@@ -55,12 +56,12 @@ class DEQ(nn.Module):
         self,
         f: nn.Module,
         *,
-        solver: Solver | SolverName = "anderson",
+        solver: Solver | SolverName = SOLVER,
         backward: Backward | BackwardName | None = "implicit",
-        max_steps: int = 50,
-        rtol: float = 1e-4,
-        atol: float = 1e-6,
-        check_every: int = 1,
+        max_steps: int = MAX_STEPS,
+        rtol: float = RTOL,
+        atol: float = ATOL,
+        check_every: int = CHECK_EVERY,
         trace: bool = False,
         on_nonfinite: Literal["report", "raise"] = "report",
         keep: Sequence[int] | None = None,
@@ -73,7 +74,7 @@ class DEQ(nn.Module):
         self.options = forward_options(solver=solver, max_steps=max_steps, rtol=rtol, atol=atol,
                                        check_every=check_every, trace=trace, on_nonfinite=on_nonfinite,
                                        keep=keep, num_jacobian_projections=num_jacobian_projections)
-        self.backward_mode = _as_backward(backward)
+        self.backward_mode = as_backward(backward)
 
     def forward(self, x: torch.Tensor, z0: State | Solution | None = None) -> Solution:
         """Solve ``z = f(z, x)``.

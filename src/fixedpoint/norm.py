@@ -10,7 +10,6 @@ also loads into a normalised one (see :func:`weight_norm`), and :func:`remove_no
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ._options import check_int, check_positive
 from .dropout import PassLocal, active_scope
 
 __all__ = ["remove_norm", "spectral_norm", "weight_norm"]
@@ -202,12 +202,6 @@ def _register(layer: nn.Module, norm: nn.Module) -> None:
         layer.register_load_state_dict_pre_hook(_load_plain_weight)
 
 
-def _check_positive(value: object, what: str) -> float:
-    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0):
-        raise ValueError(f"{what} must be a finite number > 0, got {value!r}")
-    return float(value)
-
-
 def weight_norm(module: nn.Module, *, max_scale: float | None = None, exclude: Iterable[str] = ()) -> nn.Module:
     """Weight normalisation (Salimans & Kingma, 2016), in place, on ``module`` if it is a layer, else on every
     Linear / Conv1d-3d / ConvTranspose1d-3d inside it.
@@ -251,7 +245,7 @@ def weight_norm(module: nn.Module, *, max_scale: float | None = None, exclude: I
             when it raises.
     """
     if max_scale is not None:
-        max_scale = _check_positive(max_scale, "weight_norm: max_scale")
+        max_scale = check_positive(max_scale, "weight_norm: max_scale")
     for _, layer in _layers(module, exclude, "weight_norm"):
         _register(layer, _WeightNorm(1 if isinstance(layer, _TRANSPOSED) else 0, max_scale))
     return module
@@ -310,11 +304,10 @@ def spectral_norm(module: nn.Module, *, bound: float = 1.0, learn_scale: bool = 
             that names no submodule; no layer found; a layer whose weight is already parametrized, or lazy and
             uninitialised. Nothing is modified when it raises.
     """
-    bound = _check_positive(bound, "spectral_norm: bound")
+    bound = check_positive(bound, "spectral_norm: bound")
     if not isinstance(learn_scale, bool):
         raise TypeError(f"spectral_norm: learn_scale must be a bool, got {type(learn_scale).__name__}")
-    if not (isinstance(num_power_steps, int) and not isinstance(num_power_steps, bool) and num_power_steps >= 1):
-        raise ValueError(f"spectral_norm: num_power_steps must be an int >= 1, got {num_power_steps!r}")
+    check_int(num_power_steps, "spectral_norm: num_power_steps", 1)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"spectral_norm: generator must be a torch.Generator or None, got {type(generator).__name__}")
     for _, layer in _layers(module, exclude, "spectral_norm"):

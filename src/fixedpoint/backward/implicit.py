@@ -8,9 +8,11 @@ from typing import Any
 
 import torch
 
+from .._forward import Forward, to_solution
+from .._options import check_int, check_tol, resolve
 from .._solution import Solution
-from ..solvers._base import Solver
-from ._base import Backward, Forward, to_solution
+from ..solvers import SOLVERS, Solver
+from ._base import Backward
 from .linear import GMRES, Neumann
 
 __all__ = ["AdjointState", "Implicit"]
@@ -223,23 +225,21 @@ class Implicit(Backward):
     state: AdjointState | None = None
 
     def __post_init__(self) -> None:
-        from .._solve import SOLVERS, _as_solver, _check_steps, _check_tol  # the shared validators
-
         if isinstance(self.solver, str) and self.solver not in SOLVERS:
             # Strings name the fixed-point solvers only; the linear solvers take options, so they are instances.
             raise ValueError(f"Implicit: solver must be None, a Solver, a GMRES(...) or Neumann(order=...) instance, "
                              f"or one of {sorted(SOLVERS)} (names of fixed-point solvers), got {self.solver!r}")
         if isinstance(self.solver, (str, Solver)):
-            object.__setattr__(self, "solver", _as_solver(self.solver, "Implicit: solver"))
+            object.__setattr__(self, "solver", resolve(self.solver, SOLVERS, Solver, "Implicit: solver"))
         elif self.solver is not None and not isinstance(self.solver, (GMRES, Neumann)):
             raise TypeError(f"Implicit: solver must be None, a Solver, GMRES, Neumann or one of {sorted(SOLVERS)}, "
                             f"got {type(self.solver).__name__}")
         if self.max_steps is not None:
-            _check_steps(self.max_steps, "Implicit: max_steps")
+            check_int(self.max_steps, "Implicit: max_steps", 1)
         if self.rtol is not None:
-            _check_tol(self.rtol, "Implicit: rtol")
+            check_tol(self.rtol, "Implicit: rtol")
         if self.atol is not None:
-            _check_tol(self.atol, "Implicit: atol")
+            check_tol(self.atol, "Implicit: atol")
         if self.state is not None and not isinstance(self.state, AdjointState):
             raise TypeError(f"Implicit: state must be None or an AdjointState, got {type(self.state).__name__}")
         if isinstance(self.solver, Neumann):

@@ -7,16 +7,13 @@ from dataclasses import dataclass
 
 import torch
 
+from .._forward import Forward, to_solution
 from .._loop import report
+from .._options import check_int
 from .._solution import Solution
-from ._base import Backward, Forward, to_solution
+from ._base import Backward
 
 __all__ = ["JFB", "StochasticJFB"]
-
-
-def _check_count(owner: str, name: str, value: object, minimum: int) -> None:
-    if not (isinstance(value, int) and not isinstance(value, bool) and value >= minimum):
-        raise ValueError(f"{owner}: {name} must be an int >= {minimum}, got {value!r}")
 
 
 def _unroll(f: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, steps: int) -> torch.Tensor:
@@ -43,7 +40,7 @@ class JFB(Backward):
     steps: int = 1
 
     def __post_init__(self) -> None:
-        _check_count("JFB", "steps", self.steps, 1)
+        check_int(self.steps, "JFB: steps", 1)
 
     def solve(self, f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, forward: Forward) -> Solution:
         result = forward.run(f, z0)
@@ -79,10 +76,10 @@ class StochasticJFB(Backward):
     min_no_grad: int = 0
 
     def __post_init__(self) -> None:
-        _check_count("StochasticJFB", "min_no_grad", self.min_no_grad, 0)
-        _check_count("StochasticJFB", "max_no_grad", self.max_no_grad, self.min_no_grad)
-        _check_count("StochasticJFB", "min_with_grad", self.min_with_grad, 1)
-        _check_count("StochasticJFB", "max_with_grad", self.max_with_grad, self.min_with_grad)
+        check_int(self.min_no_grad, "StochasticJFB: min_no_grad", 0)
+        check_int(self.max_no_grad, "StochasticJFB: max_no_grad", self.min_no_grad)
+        check_int(self.min_with_grad, "StochasticJFB: min_with_grad", 1)
+        check_int(self.max_with_grad, "StochasticJFB: max_with_grad", self.min_with_grad)
         if self.generator is not None:
             if not isinstance(self.generator, torch.Generator):
                 raise TypeError(f"StochasticJFB: generator must be a torch.Generator or None, "

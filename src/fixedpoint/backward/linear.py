@@ -13,18 +13,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .._options import OptionsMeta
-from .._solution import Status
+from .._options import OptionsMeta, check_int
+from .._solution import status_of
 from ..solvers._base import algebra_dtype
 
 __all__ = ["GMRES", "LinearResult", "Neumann"]
 
 ApplyJ = Callable[[torch.Tensor], torch.Tensor]
-
-
-def _check_count(owner: str, name: str, value: object, minimum: int) -> None:
-    if not (isinstance(value, int) and not isinstance(value, bool) and value >= minimum):
-        raise ValueError(f"{owner}: {name} must be an int >= {minimum}, got {value!r}")
 
 
 def _norm(x: torch.Tensor) -> torch.Tensor:
@@ -96,7 +91,7 @@ class GMRES(metaclass=OptionsMeta):
     restart: int = 20
 
     def __post_init__(self) -> None:
-        _check_count("GMRES", "restart", self.restart, 1)
+        check_int(self.restart, "GMRES: restart", 1)
 
     def solve(self, apply_j: ApplyJ, g: torch.Tensor, u0: torch.Tensor | None = None, *, max_steps: int,
               rtol: float, atol: float, check_every: int = 1) -> LinearResult:
@@ -154,9 +149,7 @@ class GMRES(metaclass=OptionsMeta):
             u = torch.where(worse[:, None], u, u_next)
             r = torch.where(worse[:, None], r, r_next)
         converged = beta <= bound
-        nonfinite = ~(beta < math.inf)
-        status = torch.where(nonfinite, int(Status.NONFINITE), int(Status.MAX_STEPS))
-        status = torch.where(converged, int(Status.CONVERGED), status)
+        status = status_of(converged, ~(beta < math.inf))
         return LinearResult(u=u.to(g.dtype), residual=beta, converged=converged, status=status,
                             num_steps=num_steps, num_iterations=iterations)
 
@@ -232,7 +225,7 @@ class Neumann(metaclass=OptionsMeta):
     order: int
 
     def __post_init__(self) -> None:
-        _check_count("Neumann", "order", self.order, 0)
+        check_int(self.order, "Neumann: order", 0)
 
     def solve(self, apply_j: ApplyJ, g: torch.Tensor) -> torch.Tensor:
         """The series for ``g`` of shape ``(B, D)``, summed in the algebra dtype and returned in ``g``'s.

@@ -6,10 +6,16 @@ from dataclasses import dataclass
 
 import torch
 
+from .._options import check_fraction, check_int, check_tol
 from ._base import Solver, algebra_dtype
 
 __all__ = ["Anderson"]
 
+
+# --- view caches --------------------------------------------------------------------------------------------
+# Speed only, no numerics: on small problems every dispatched call (a slice, an index, a constant) costs about as
+# much as the arithmetic of a step, so the views a step needs are made once and reused. `benchmarks/solvers.py`
+# measures the overhead they remove (its TARGETS); the Anderson algebra itself is in `Anderson.step` below.
 
 class _Slots:
     """Views into the history for one step: ring-buffer slot ``i`` written, slots ``0..n-1`` in use.
@@ -61,6 +67,8 @@ class _AndersonState:
                                self.ridge.narrow(0, 0, n).narrow(1, 0, n), self.ones.narrow(1, 0, n))
         return self._window[n]
 
+# --- end of the view caches ----------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Anderson(Solver):
@@ -84,7 +92,7 @@ class Anderson(Solver):
     Args:
         memory: number of past iterates mixed, at least 1 (1 is damped iteration).
         damping: weight of the residual in the mix, in ``(0, 1]``.
-        regularization: relative ridge, non-negative.
+        regularization: relative ridge, finite and non-negative.
 
     Raises:
         ValueError: on an out-of-range argument.
@@ -95,12 +103,9 @@ class Anderson(Solver):
     regularization: float = 1e-8
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.memory, int) and not isinstance(self.memory, bool) and self.memory >= 1):
-            raise ValueError(f"Anderson: memory must be an int >= 1, got {self.memory!r}")
-        if not (isinstance(self.damping, (int, float)) and 0.0 < self.damping <= 1.0):
-            raise ValueError(f"Anderson: damping must be a number in (0, 1], got {self.damping!r}")
-        if not (isinstance(self.regularization, (int, float)) and self.regularization >= 0.0):
-            raise ValueError(f"Anderson: regularization must be a number >= 0, got {self.regularization!r}")
+        check_int(self.memory, "Anderson: memory", 1)
+        check_fraction(self.damping, "Anderson: damping")
+        check_tol(self.regularization, "Anderson: regularization")
 
     def init(self, z: torch.Tensor) -> _AndersonState:
         batch, dim = z.shape

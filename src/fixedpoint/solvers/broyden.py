@@ -7,12 +7,13 @@ from typing import Literal
 
 import torch
 
+from .._options import is_int
 from ._base import Solver, algebra_dtype
 
 __all__ = ["Broyden"]
 
 
-class _BroydenState:
+class _BroydenState:  # the window cache is for speed only, see benchmarks/solvers.py
     def __init__(self, u: torch.Tensor, v: torch.Tensor) -> None:
         self.u = u  # (B, m, D); only the first `count` slots are ever read, each written before it is
         self.v = v  # (B, m, D)
@@ -96,7 +97,7 @@ class Broyden(Solver):
         if self.when_full not in ("reduce", "restart"):
             raise ValueError(f"Broyden: when_full must be one of ['reduce', 'restart'], got {self.when_full!r}")
         low = 2 if self.when_full == "reduce" else 1
-        if not (isinstance(self.memory, int) and not isinstance(self.memory, bool) and self.memory >= low):
+        if not (is_int(self.memory) and self.memory >= low):
             raise ValueError(f"Broyden: memory must be an int >= {low} with when_full={self.when_full!r}, "
                              f"got {self.memory!r}")
 

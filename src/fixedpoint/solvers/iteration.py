@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .._options import check_fraction
 from ._base import Solver
 
 __all__ = ["Iteration"]
@@ -29,8 +30,7 @@ class Iteration(Solver):
     damping: float = 1.0
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.damping, (int, float)) and 0.0 < self.damping <= 1.0):
-            raise ValueError(f"Iteration: damping must be a number in (0, 1], got {self.damping!r}")
+        check_fraction(self.damping, "Iteration: damping")
 
     def init(self, z: torch.Tensor) -> None:
         return None
