@@ -1,4 +1,5 @@
-"""The gradient check: a backward mode's gradient against the exact implicit one.
+"""The gradient check: a backward mode's gradient against the exact implicit one. (Slightly over the project's
+~400-line guide: one tool, its two calling forms and its replay of dropout masks and parametrizations.)
 
 ``J = df/dz`` is the per-sample Jacobian of a map ``f: (B, ...) -> (B, ...)`` at a point ``z``; ``f`` must not mix
 samples (no batch statistics), so that sample ``b``'s output depends on sample ``b``'s input only.

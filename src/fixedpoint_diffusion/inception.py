@@ -1,6 +1,7 @@
 """Inception-v3 pool3 features for FID, computed offline from a weights file already on disk.
 
-Nothing here downloads anything: the caller names the weights file.
+Nothing here downloads anything: the caller names the weights file. (Over the project's ~400-line guide: one
+network definition and its weight-file conversion, which read best together.)
 
 What is reproduced
 ------------------

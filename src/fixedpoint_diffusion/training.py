@@ -12,6 +12,11 @@ Python::
     summary = train(load_config("tiny", ["train.max_steps=200"]))
 
 Command line: ``fpdm train --config tiny train.max_steps=200`` (see ``fpdm train --help``).
+
+Longer than the project's ~400-line guide on purpose: the :class:`Trainer` is one class (its checks, the step and
+the loop), kept whole so the training step reads in one place, as DiT's ``train.py`` does. What is not the trainer
+lives elsewhere: the run folder in :mod:`~fixedpoint_diffusion.runs`, trackers in
+:mod:`~fixedpoint_diffusion.trackers`, signals in ``_runtime``.
 """
 
 from __future__ import annotations
