@@ -64,7 +64,8 @@ def bench_model(name: str, args, device: torch.device) -> dict:
     torch.manual_seed(0)
     overrides = {"input_size": args.latent, "in_channels": 4, "num_classes": 1000}
     if name.startswith("FPDM"):
-        overrides.update(max_no_grad=args.max_no_grad, max_with_grad=args.max_with_grad)
+        overrides["backward"] = {"name": "stochastic_jfb", "max_no_grad": args.max_no_grad,
+                                 "max_with_grad": args.max_with_grad}
     model = fd.create_model(name, **overrides).to(device)
     ema = fd.create_model(name, **overrides).to(device).requires_grad_(False)
     if args.checkpointing:
@@ -86,9 +87,8 @@ def bench_model(name: str, args, device: torch.device) -> dict:
         t = torch.randint(0, 1000, (B,), generator=g).to(device)
         eps = torch.randn(B, 4, args.latent, args.latent, generator=g).to(device)
         drop = (torch.rand(B, generator=g) < 0.1).to(device)
-        if isinstance(model, fd.FPDM):
-            model.generator = torch.Generator().manual_seed(2000 + step)
-        return x0, y, t, eps, drop
+        generator = torch.Generator().manual_seed(2000 + step) if isinstance(model, fd.FPDM) else None
+        return x0, y, t, eps, drop, generator
 
     def step(i):
         loss = objective(*batch(i))[0]

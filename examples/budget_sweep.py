@@ -141,7 +141,7 @@ def run_setting(model: fd.FPDM, diffusion: fd.Diffusion, args: argparse.Namespac
     """
     row: dict[str, Any] = {"budget": budget, "iters_per_step": k, "allocation": allocation}
     try:
-        schedule = fd.plan(model, budget=budget, iters_per_step=k, allocation=allocation, ratio=args.ratio,
+        schedule = fd.plan(model, budget=budget, iterations_per_timestep=k, allocation=allocation, ratio=args.ratio,
                            tol=args.tol, num_train_timesteps=diffusion.num_timesteps)
     except ValueError as err:  # e.g. a budget too small for one timestep of this k: reported, not fatal
         return {**row, "status": "skipped", "reason": str(err)}
@@ -160,7 +160,7 @@ def run_setting(model: fd.FPDM, diffusion: fd.Diffusion, args: argparse.Namespac
     sync()
     seconds = time.perf_counter() - start
     residual = torch.cat(residuals, 1).double().mean(1)  # (timesteps,): mean over all samples
-    row.update(status="ok", num_steps=schedule.num_steps, timesteps=list(schedule.timesteps),
+    row.update(status="ok", num_steps=schedule.num_timesteps, timesteps=list(schedule.timesteps),
                iterations=list(schedule.iterations), explicit_passes=schedule.explicit_passes,
                planned_block_passes=schedule.block_passes, block_passes=max(spent_passes),
                mean_block_passes=float(np.mean(spent_passes)),

@@ -137,8 +137,8 @@ def test_class_dropout_is_seeded_and_about_the_right_rate():
 
 
 def test_loss_trains_a_real_fpdm():
-    model = fd.create_model("FPDM-S/8", input_size=16, num_classes=10, hidden_size=64, num_heads=4, max_no_grad=2,
-                            max_with_grad=2)
+    model = fd.create_model("FPDM-S/8", input_size=16, num_classes=10, hidden_size=64, num_heads=4,
+                            backward={"name": "stochastic_jfb", "max_no_grad": 2, "max_with_grad": 2})
     d = Diffusion()
     x0, y = torch.randn(2, 4, 16, 16), torch.tensor([1, 2])
     out = d.loss(model, x0, y, generator=torch.Generator().manual_seed(0))

@@ -13,7 +13,8 @@ if TYPE_CHECKING:  # imported on first use instead, so that `fpdm --help` starts
     from .diffusion import Diffusion, Loss
     from .models import FPDM, PRESETS, Cost, DiT, ModelOutput, create_model
     from .pipeline import FPDMPipeline, FPDMPipelineOutput, diffusion_from_scheduler, scheduler_from_diffusion
-    from .sampling import SampleOutput, Schedule, batches_for_rank, plan, plot_residuals, sample
+    from .budget import Schedule, plan
+    from .sampling import Denoiser, SampleOutput, batches_for_rank, plot_residuals, sample
     from .train import Trainer, TrainState, TrainSummary, latest_checkpoint, train
 
 __version__ = "0.1.0"
@@ -25,6 +26,7 @@ __all__ = [
     "ConfigError",
     "Cost",
     "DataConfig",
+    "Denoiser",
     "DiT",
     "Diffusion",
     "DiffusionConfig",
@@ -63,6 +65,7 @@ _LAZY = {
     'ConfigError': 'config',
     'Cost': 'models',
     'DataConfig': 'config',
+    'Denoiser': 'sampling',
     'DiT': 'models',
     'Diffusion': 'diffusion',
     'DiffusionConfig': 'config',
@@ -75,7 +78,7 @@ _LAZY = {
     'ModelOutput': 'models',
     'PRESETS': 'models',
     'SampleOutput': 'sampling',
-    'Schedule': 'sampling',
+    'Schedule': 'budget',
     'Shapes': 'data',
     'TrainConfig': 'config',
     'TrainState': 'train',
@@ -89,7 +92,7 @@ _LAZY = {
     'list_configs': 'config',
     'load_config': 'config',
     'load_official_checkpoint': 'checkpoints',
-    'plan': 'sampling',
+    'plan': 'budget',
     'plot_residuals': 'sampling',
     'sample': 'sampling',
     'scheduler_from_diffusion': 'pipeline',

@@ -17,6 +17,9 @@ _FPDM_ARGS = {
     "fixed_point_pre_depth": "pre_depth",
     "fixed_point_post_depth": "post_depth",
     "fixed_point_pre_post_timestep_conditioning": "timestep_conditioned_explicit",
+}
+# Official training-script argument -> option of our stochastic-JFB backward (``FPDM(backward={...})``).
+_STOCHASTIC_JFB_ARGS = {
     "fixed_point_no_grad_min_iters": "min_no_grad",
     "fixed_point_no_grad_max_iters": "max_no_grad",
     "fixed_point_with_grad_min_iters": "min_with_grad",
@@ -55,6 +58,9 @@ def _config_from_args(args: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     if args.get("fixed_point"):
         name = "FPDM-" + model[len("DiT-"):]
         overrides.update({ours: args[theirs] for theirs, ours in _FPDM_ARGS.items() if theirs in args})
+        overrides["backward"] = {"name": "stochastic_jfb",
+                                 **{ours: args[theirs] for theirs, ours in _STOCHASTIC_JFB_ARGS.items()
+                                    if theirs in args}}
     else:
         name = model
     return name, overrides

@@ -20,7 +20,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
-from .models import FPDM, DiT
+from .models import FPDM, DiT, convert_legacy_fpdm_config
 
 __all__ = ["Config", "ConfigError", "DataConfig", "DiffusionConfig", "TrainConfig", "list_configs", "load_config"]
 
@@ -147,6 +147,11 @@ class Config:
         if unknown:
             raise ConfigError(f"unknown config section(s) {unknown}; valid: ['data', 'diffusion', 'model', 'train']")
         model = dict(raw.get("model", {"name": "FPDM-S/2"}))
+        if str(model.get("name", "")).startswith("FPDM-"):  # files written with the old flat backward keys
+            try:
+                model = convert_legacy_fpdm_config(model)
+            except (TypeError, ValueError) as err:
+                raise ConfigError(f"model: {err}") from None
         sections = {}
         for name, section_cls in (("diffusion", DiffusionConfig), ("data", DataConfig), ("train", TrainConfig)):
             values = dict(raw.get(name, {}))
@@ -212,6 +217,11 @@ def _check_model_section(model: dict[str, Any]) -> None:
     if unknown:
         raise ConfigError(f"unknown model.{unknown[0]} for {model['name']}; valid keys: ['name', "
                           f"{', '.join(repr(k) for k in sorted(allowed))}]")
+    if cls is FPDM:  # fixedpoint's own checks of solver/backward, before anything is built
+        try:
+            convert_legacy_fpdm_config(model)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"model: {err}") from None
 
 
 def _checked_section(section: str, cls: type, values: dict[str, Any]) -> dict[str, Any]:
@@ -250,14 +260,26 @@ def _parse_value(text: str) -> Any:
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``section.key=value`` strings to a raw config dict (a copy is returned)."""
+    """Apply ``section.key=value`` strings to a raw config dict (a copy is returned). A longer path such as
+    ``model.backward.max_no_grad=10`` sets one option of a table (a table given by name, ``backward =
+    "jfb"``, becomes ``{"name": "jfb", ...}``)."""
     out = {name: dict(section) for name, section in raw.items()}
     for item in overrides:
         key, sep, value = item.partition("=")
         section, dot, name = key.strip().partition(".")
         if not sep or not dot or not name:
             raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.max_steps=1000")
-        out.setdefault(section, {})[name] = _parse_value(value.strip())
+        target = out.setdefault(section, {})
+        *parents, leaf = name.split(".")
+        for part in parents:
+            inner = target.get(part, {})
+            if isinstance(inner, str):
+                inner = {"name": inner}
+            if not isinstance(inner, dict):
+                raise ConfigError(f"override {item!r}: {section}.{part} is {inner!r}, not a table")
+            target[part] = dict(inner)
+            target = target[part]
+        target[leaf] = _parse_value(value.strip())
     return out
 
 

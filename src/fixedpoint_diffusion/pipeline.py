@@ -83,7 +83,7 @@ class FPDMPipeline(DiffusionPipeline):
     Example::
 
         pipe = FPDMPipeline(transformer=model, scheduler=scheduler_from_diffusion(fd.Diffusion()), vae=vae)
-        out = pipe([207, 360], budget=280, iters_per_step=8, guidance_scale=4.0, seed=0)
+        out = pipe([207, 360], budget=280, iterations_per_timestep=8, guidance_scale=4.0, seed=0)
         out.images[0].save("dog.png"); print(out.result.block_passes)
     """
 
@@ -116,22 +116,22 @@ class FPDMPipeline(DiffusionPipeline):
     def __call__(self, class_labels: Sequence[int] | torch.Tensor | None = None, *,
                  num_inference_steps: int | None = None, guidance_scale: float = 1.0,
                  generator: torch.Generator | None = None, output_type: str = "pil", return_dict: bool = True,
-                 num_samples: int | None = None, budget: int | None = None, iters_per_step: int | None = None,
-                 seed: int | None = None, **sampling: Any) -> FPDMPipelineOutput | tuple:
+                 num_samples: int | None = None, budget: int | None = None,
+                 iterations_per_timestep: int | None = None, seed: int | None = None, **sampling: Any) -> FPDMPipelineOutput | tuple:
         """Sample and decode, with diffusers' argument names.
 
         Args:
             class_labels: class indices (see :meth:`get_label_ids`), or ``None`` with ``num_samples`` for an
                 unconditional model.
             num_inference_steps: timesteps. With neither this nor ``budget``: 50 timesteps, and for an FPDM
-                ``iters_per_step`` 2 unless given.
+                ``iterations_per_timestep`` 2 unless given.
             guidance_scale: classifier-free guidance (1: off).
             generator: a ``torch.Generator`` from which the seed is drawn (sample ``i``'s noise then depends only
                 on that seed and ``i``, so sharded runs agree); or give ``seed``. Default: seed 0.
             output_type: ``"pil"``, ``"np"`` (uint8), ``"pt"`` (decoded, [-1, 1]) or ``"latent"``.
             return_dict: ``False`` returns ``(images,)``.
-            budget, iters_per_step: the compute budget (block passes per image) and FPDM's iterations per timestep,
-                as in :func:`~fixedpoint_diffusion.plan`.
+            budget, iterations_per_timestep: the compute budget (block passes per image) and FPDM's iterations
+                per timestep, as in :func:`~fixedpoint_diffusion.plan`.
             sampling: other :func:`~fixedpoint_diffusion.sample` options (``allocation``, ``sampler``, ``eta``,
                 ``reuse``, ``guidance_channels``, ``tol``, ``ratio``, ``indices``, ``progress``).
 
@@ -142,7 +142,7 @@ class FPDMPipeline(DiffusionPipeline):
         if unknown:
             raise TypeError(f"FPDMPipeline got unexpected argument(s) {unknown}; it takes class_labels, "
                             f"num_inference_steps, guidance_scale, generator, output_type, return_dict, num_samples, "
-                            f"budget, iters_per_step, seed and {sorted(_SAMPLE_OPTIONS)}")
+                            f"budget, iterations_per_timestep, seed and {sorted(_SAMPLE_OPTIONS)}")
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
         if generator is not None and seed is not None:
@@ -151,18 +151,19 @@ class FPDMPipeline(DiffusionPipeline):
             raise TypeError(f"FPDMPipeline: generator must be a torch.Generator, got {type(generator).__name__}")
         if generator is not None:
             seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
-        if "num_steps" in sampling:  # sample()'s name for it
+        if "num_timesteps" in sampling:  # sample()'s name for it
             if num_inference_steps is not None:
-                raise ValueError("give num_inference_steps or num_steps, not both")
-            num_inference_steps = sampling.pop("num_steps")
+                raise ValueError("give num_inference_steps or num_timesteps, not both")
+            num_inference_steps = sampling.pop("num_timesteps")
         if "schedule" not in sampling:
-            budget, iters_per_step, num_inference_steps = fill_schedule_defaults(
-                self.transformer, budget, iters_per_step, num_inference_steps, sampling.get("allocation", "constant"))
+            budget, iterations_per_timestep, num_inference_steps = fill_schedule_defaults(
+                self.transformer, budget, iterations_per_timestep, num_inference_steps,
+                sampling.get("allocation", "constant"))
         diffusion = diffusion_from_scheduler(self.scheduler).to(self.device)
         self.transformer.eval()
         result = sample(self.transformer, class_labels, diffusion=diffusion, num_samples=num_samples,
-                        device=self.device, budget=budget, iters_per_step=iters_per_step,
-                        num_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed or 0, **sampling)
+                        device=self.device, budget=budget, iterations_per_timestep=iterations_per_timestep,
+                        num_timesteps=num_inference_steps, guidance_scale=guidance_scale, seed=seed or 0, **sampling)
         if output_type == "latent":
             images: Any = result.samples
         else:
@@ -179,4 +180,4 @@ class FPDMPipeline(DiffusionPipeline):
 
 
 _SAMPLE_OPTIONS = frozenset({"allocation", "sampler", "eta", "reuse", "guidance_channels", "tol", "ratio", "indices",
-                             "progress", "schedule", "num_steps"})
+                             "progress", "schedule", "num_timesteps"})

@@ -39,10 +39,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--classes", default=None, help="comma-separated labels, cycled (default: random per sample)")
     p.add_argument("--seed", type=int, default=0, help="sample i's noise depends on (seed, i) only")
     p.add_argument("--budget", type=int, default=None, help="block passes per image (with neither --budget nor "
-                                                             "--num-steps: 50 timesteps)")
+                                                             "--timesteps: 50 timesteps)")
     p.add_argument("--iters", type=int, default=None,
                    help="fixed-point iterations per timestep (FPDM; 2 when the schedule needs it)")
-    p.add_argument("--num-steps", type=int, default=None, help="timesteps")
+    p.add_argument("--timesteps", type=int, default=None, dest="num_timesteps", help="timesteps")
+    p.add_argument("--num-steps", type=int, default=None, dest="num_timesteps", help=argparse.SUPPRESS)  # old name
     p.add_argument("--allocation", default="constant",
                    help="constant, increasing, decreasing, adaptive, or comma-separated iterations per timestep")
     p.add_argument("--ratio", type=float, default=3.0, help="last/first weight of increasing/decreasing")
@@ -171,13 +172,16 @@ def run(args: argparse.Namespace) -> int:
     if not args.dry_run:
         _check_out(out, args.overwrite)
     model, diffusion = load_model(args.model, weights=False)
-    budget, iters, num_steps = fill_schedule_defaults(model, args.budget, args.iters, args.num_steps, allocation)
+    budget, iters, num_timesteps = fill_schedule_defaults(model, args.budget, args.iters, args.num_timesteps,
+                                                          allocation)
     try:
-        schedule = plan(model, budget=budget, iters_per_step=iters, num_steps=num_steps, allocation=allocation,
+        schedule = plan(model, budget=budget, iterations_per_timestep=iters, num_timesteps=num_timesteps,
+                        allocation=allocation,
                         ratio=args.ratio, tol=args.tol, num_train_timesteps=diffusion.num_timesteps)
     except ValueError as err:  # in the command's own words
         message = str(err)
-        for name, flag in (("iters_per_step", "--iters"), ("num_steps", "--num-steps"), ("budget", "--budget"),
+        for name, flag in (("iterations_per_timestep", "--iters"), ("num_timesteps", "--timesteps"),
+                           ("budget", "--budget"),
                            ("allocation", "--allocation"), ("ratio", "--ratio"), ("tol", "--tol")):
             message = re.sub(rf"(?<![\w-]){name}(?=[ =,]|$)" if "_" not in name else rf"\b{name}\b", flag, message)
         raise ValueError(message) from None
@@ -250,7 +254,7 @@ def run(args: argparse.Namespace) -> int:
             1, sum(r.samples.shape[0] for r in residual_runs))
         planned = "" if spent == schedule.block_passes else f" of the {schedule.block_passes} allowed"
         print(f"{args.num_samples} samples in {out} ({spent:g} block passes per image spent{planned}, "
-              f"{schedule.num_steps} timesteps)")
+              f"{schedule.num_timesteps} timesteps)")
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0
