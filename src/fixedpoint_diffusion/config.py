@@ -20,6 +20,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
+from .diffusion import Diffusion
 from .models import FPDM, DiT, convert_legacy_fpdm_config
 
 __all__ = ["Config", "ConfigError", "DataConfig", "DiffusionConfig", "TrainConfig", "list_configs", "load_config"]
@@ -31,7 +32,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class DiffusionConfig:
-    """Arguments of :class:`fixedpoint_diffusion.Diffusion` (``learn_sigma`` follows the model)."""
+    """The ``[diffusion]`` section: arguments of :class:`fixedpoint_diffusion.Diffusion` (``learn_sigma``
+    follows the model), which validates them (:meth:`build`)."""
 
     num_timesteps: int = 1000
     beta_start: float = 1e-4
@@ -39,6 +41,10 @@ class DiffusionConfig:
     zero_terminal_snr: bool = True
     prediction: str = "v"
     mean_loss: str = "mse"
+
+    def build(self, learn_sigma: bool = True) -> Diffusion:
+        """The :class:`~fixedpoint_diffusion.Diffusion` of these settings (``Diffusion.from_config``)."""
+        return Diffusion.from_config(dataclasses.asdict(self), learn_sigma=learn_sigma)
 
 
 @dataclass
@@ -161,11 +167,11 @@ class Config:
     def validate(self) -> None:
         """Check values (not only keys): raises :class:`ConfigError` naming the offending key."""
         _check_model_section(self.model)
-        d, data, tr = self.diffusion, self.data, self.train
-        _require(d.prediction in ("v", "epsilon"), "diffusion.prediction", d.prediction, "'v' or 'epsilon'")
-        _require(d.mean_loss in ("mse", "official_x0_snr"), "diffusion.mean_loss", d.mean_loss,
-                 "'mse' or 'official_x0_snr'")
-        _require(d.num_timesteps >= 2, "diffusion.num_timesteps", d.num_timesteps, ">= 2")
+        data, tr = self.data, self.train
+        try:  # Diffusion's own checks, the one place they live
+            self.diffusion.build()
+        except ValueError as err:
+            raise ConfigError(f"diffusion: {err}") from None
         _require(data.kind in ("shapes", "images", "latents"), "data.kind", data.kind,
                  "'shapes', 'images' or 'latents'")
         if data.kind != "shapes":

@@ -8,12 +8,15 @@ frozen (detached) mean. Tables are float64 on the CPU and gathered per timestep.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
+from diffusers import ConfigMixin
+from diffusers.configuration_utils import register_to_config
 
 from .models import ModelOutput
 
@@ -61,8 +64,12 @@ def _mean_flat(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(1).mean(1)
 
 
-class Diffusion:
+class Diffusion(ConfigMixin):
     """Schedule tables and the training loss of a Gaussian diffusion.
+
+    The arguments are its diffusers config (:attr:`config`): ``save_config(folder)`` writes ``diffusion.json``
+    and ``Diffusion.from_config(Diffusion.load_config(folder))`` reads it back (a run's ``ema/diffusion.json``
+    included); a key it does not take raises ``ValueError`` instead of being dropped.
 
     Args:
         num_timesteps: training timesteps ``T``.
@@ -79,6 +86,9 @@ class Diffusion:
         ValueError: on an invalid argument or combination.
     """
 
+    config_name = "diffusion.json"
+
+    @register_to_config
     def __init__(self, num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02, *,
                  zero_terminal_snr: bool = True, prediction: Literal["v", "epsilon"] = "v", learn_sigma: bool = True,
                  mean_loss: Literal["mse", "official_x0_snr"] = "mse") -> None:
@@ -114,10 +124,20 @@ class Diffusion:
         self.posterior_mean_coef1 = betas * torch.sqrt(a_prev) / (1.0 - a)
         self.posterior_mean_coef2 = (1.0 - a_prev) * torch.sqrt(alphas) / (1.0 - a)
 
+    @classmethod
+    def extract_init_dict(cls, config_dict: dict[str, Any], **kwargs: Any):
+        """diffusers' loader hook, stricter: a key that is not an argument (``_``-prefixed metadata aside) is an
+        error, not a logged warning, so that a setting is never silently dropped."""
+        allowed = set(inspect.signature(cls.__init__).parameters) - {"self"}
+        unknown = sorted(k for k in {**config_dict, **kwargs} if not k.startswith("_") and k not in allowed)
+        if unknown:
+            raise ValueError(f"Diffusion: unknown setting(s) {unknown}; valid ones are {sorted(allowed)}")
+        return super().extract_init_dict(config_dict, **kwargs)
+
     def to(self, device: torch.device | str) -> Diffusion:
         """Move the schedule tables to ``device`` (in place; returns ``self``), so that training steps on a GPU
         do not copy them from the host on every call."""
-        for name, value in vars(self).items():
+        for name, value in list(vars(self).items()):
             if isinstance(value, torch.Tensor):
                 setattr(self, name, value.to(device))
         return self

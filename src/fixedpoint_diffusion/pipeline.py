@@ -18,15 +18,19 @@ __all__ = ["FPDMPipeline", "FPDMPipelineOutput", "diffusion_from_scheduler", "sc
 
 
 def diffusion_from_scheduler(scheduler: Any) -> Diffusion:
-    """Our float64 :class:`Diffusion` tables from a diffusers scheduler's config."""
+    """Our float64 :class:`Diffusion` tables from a diffusers scheduler's config: the inverse of
+    :func:`~fixedpoint_diffusion.sampling.scheduler_from_diffusion` (``learn_sigma`` from a learned-range
+    variance; ``mean_loss``, a training option, stays the default)."""
     cfg = scheduler.config
     if cfg.beta_schedule != "linear":
         raise ValueError(f"only the linear beta schedule is supported, got {cfg.beta_schedule!r}")
     prediction = {"v_prediction": "v", "epsilon": "epsilon"}.get(cfg.prediction_type)
     if prediction is None:
         raise ValueError(f"prediction_type must be 'v_prediction' or 'epsilon', got {cfg.prediction_type!r}")
-    return Diffusion(cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end,
-                     zero_terminal_snr=bool(cfg.get("rescale_betas_zero_snr", False)), prediction=prediction)
+    return Diffusion.from_config({"num_timesteps": cfg.num_train_timesteps, "beta_start": cfg.beta_start,
+                                  "beta_end": cfg.beta_end, "prediction": prediction,
+                                  "zero_terminal_snr": bool(cfg.get("rescale_betas_zero_snr", False)),
+                                  "learn_sigma": cfg.variance_type == "learned_range"})
 
 
 @dataclass

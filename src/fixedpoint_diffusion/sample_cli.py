@@ -115,11 +115,11 @@ def load_model(folder: str | os.PathLike, *, weights: bool | str = True, device:
 
 
 def _diffusion(settings: dict[str, Any], model: Any):
-    """The sampling schedule from saved diffusion settings (training-only keys such as the loss dropped)."""
+    """The sampling schedule from saved diffusion settings (``Diffusion.from_config``: an unknown key is an
+    error); ``learn_sigma`` follows the model."""
     from .diffusion import Diffusion
 
-    keys = ("num_timesteps", "beta_start", "beta_end", "zero_terminal_snr", "prediction")
-    return Diffusion(learn_sigma=model.config.learn_sigma, **{k: v for k, v in settings.items() if k in keys})
+    return Diffusion.from_config(settings, learn_sigma=model.config.learn_sigma)
 
 
 def _load_checkpoint_file(path: Path, weights: bool | str, device: Any):

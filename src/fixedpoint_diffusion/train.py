@@ -315,10 +315,7 @@ class Trainer:
             for module in model.modules():
                 if type(module).__name__ == "DiTBlock":
                     module.compile()
-        self.diffusion = Diffusion(cfg.diffusion.num_timesteps, cfg.diffusion.beta_start, cfg.diffusion.beta_end,
-                                   zero_terminal_snr=cfg.diffusion.zero_terminal_snr,
-                                   prediction=cfg.diffusion.prediction, learn_sigma=model.config.learn_sigma,
-                                   mean_loss=cfg.diffusion.mean_loss).to(self.device)
+        self.diffusion = cfg.diffusion.build(learn_sigma=model.config.learn_sigma).to(self.device)
         objective = Objective(model, self.diffusion, autocast, self.device.type)
         if dist.is_initialized():
             ids = [self.device.index] if self.device.type == "cuda" else None
