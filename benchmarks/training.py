@@ -112,9 +112,10 @@ def bench_model(name: str, args, device: torch.device) -> dict:
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     macs = []  # the training-mode forward (grad enabled: the backward mode decides the step counts)
     for i in range(args.warmup, args.warmup + args.steps):
-        x0, y, t, eps, _ = batch(i)
+        x0, y, t, eps, _, generator = batch(i)
+        kwargs = {} if generator is None else {"generator": generator}  # the step's stochastic-JFB draws
         with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
-            macs.append(model(diffusion.q_sample(x0, t, eps), t, y).cost.macs)
+            macs.append(model(diffusion.q_sample(x0, t, eps), t, y, **kwargs).cost.macs)
     saved = sum(_saved_bytes(objective, batch(i)) for i in range(args.warmup, args.warmup + args.steps)) / args.steps
     return {"model": name, "params": sum(p.numel() for p in model.parameters()), "step_ms": 1e3 * step_s,
             "peak_mib": peak / 2**20 if peak is not None else None, "saved_mib": saved / 2**20,

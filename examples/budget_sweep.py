@@ -72,7 +72,8 @@ from fixedpoint_diffusion.sampling import ALLOCATIONS
 
 # The micro model of --tiny: 8x8 images, width 32, the test suite's size (tests/micro.py).
 MICRO_CONFIG: dict[str, Any] = {
-    "model": {"name": "FPDM-S/2", **MICRO_MODEL, "max_no_grad": 2, "max_with_grad": 2},
+    "model": {"name": "FPDM-S/2", **MICRO_MODEL,
+              "backward": {"name": "stochastic_jfb", "max_no_grad": 2, "max_with_grad": 2}},
     "data": {"kind": "shapes", "image_size": 8, "num_samples": 256},
     "train": {"global_batch_size": 8, "lr": 1e-3, "ema_decay": 0.9, "log_every": 10},
 }
