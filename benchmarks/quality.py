@@ -55,7 +55,8 @@ def make_configs(args) -> dict[str, fd.Config]:
     work = Path(args.work)
     if args.tiny:  # a toy size: 8x8 images, width 32 (the test suite's micro config)
         base_model = MICRO_MODEL
-        fpdm_raw = {"model": {"name": "FPDM-S/2", **base_model, "max_no_grad": 2, "max_with_grad": 2},
+        fpdm_raw = {"model": {"name": "FPDM-S/2", **base_model,
+                              "backward": {"name": "stochastic_jfb", "max_no_grad": 2, "max_with_grad": 2}},
                     "data": {"kind": "shapes", "image_size": 8, "num_samples": 256},
                     "train": {"global_batch_size": 16, "lr": 1e-3, "log_every": 10}}
         dit_raw = copy.deepcopy(fpdm_raw)
@@ -68,9 +69,9 @@ def make_configs(args) -> dict[str, fd.Config]:
         "FPDM S-JFB": fd.load_config(fpdm_raw, seed + [f"train.out_dir={work / 'fpdm-sjfb'}"]),
         "DiT": fd.load_config(dit_raw, seed + [f"train.out_dir={work / 'dit'}"]),
         "FPDM JFB": fd.load_config(fpdm_raw, seed + [f"train.out_dir={work / 'fpdm-jfb'}", 'model.backward="jfb"',
-                                                     "model.jfb_steps=1", f"model.max_steps={n}"]),
+                                                     "model.backward.steps=1", f"model.max_steps={n}"]),
         "FPDM multi-step JFB": fd.load_config(fpdm_raw, seed + [
-            f"train.out_dir={work / 'fpdm-msjfb'}", 'model.backward="jfb"', f"model.jfb_steps={n}",
+            f"train.out_dir={work / 'fpdm-msjfb'}", 'model.backward="jfb"', f"model.backward.steps={n}",
             f"model.max_steps={n}"]),
     }
     return configs

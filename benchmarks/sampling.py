@@ -70,7 +70,7 @@ def _autocast(device: torch.device, dtype: torch.dtype):
 
 def bench(name: str, model: torch.nn.Module, budget: int, args, device: torch.device, dtype: torch.dtype) -> dict:
     fpdm = isinstance(model, fd.FPDM)
-    schedule = fd.plan(model, budget=budget, iters_per_step=args.iters if fpdm else None)
+    schedule = fd.plan(model, budget=budget, iterations_per_timestep=args.iters if fpdm else None)
     labels = torch.arange(args.batch) % model.config.num_classes
     diffusion = fd.Diffusion(learn_sigma=model.config.learn_sigma)
 
@@ -97,8 +97,8 @@ def bench(name: str, model: torch.nn.Module, budget: int, args, device: torch.de
 
     def forwards():
         with torch.no_grad(), _autocast(device, dtype):
-            for k in (schedule.iterations or [None] * schedule.num_steps):
-                model(x, t, y, num_steps=k) if fpdm else model(x, t, y)
+            for k in (schedule.iterations or [None] * schedule.num_timesteps):
+                model(x, t, y, num_iterations=k) if fpdm else model(x, t, y)
 
     forwards()
     bare = []
@@ -109,7 +109,7 @@ def bench(name: str, model: torch.nn.Module, budget: int, args, device: torch.de
         _sync(device)
         bare.append(time.perf_counter() - start)
     flops = 2 * out.macs
-    return {"model": name, "budget": budget, "num_steps": schedule.num_steps,
+    return {"model": name, "budget": budget, "num_steps": schedule.num_timesteps,
             "iters_per_step": args.iters if fpdm else None, "block_passes": out.block_passes,
             "batch": args.batch, "seconds": seconds, "images_per_s": args.batch / seconds,
             "gflop_per_image": flops / args.batch / 1e9, "tflops": flops / seconds / 1e12,

@@ -173,7 +173,7 @@ def fpdm_problem(args: argparse.Namespace, seed: int) -> Problem:
     t = torch.randint(0, 1000, (b,), generator=gen).to(args.device)
     y = torch.randint(0, 1000, (b,), generator=gen).to(args.device)
     with torch.no_grad():
-        model(x_t, t, y, num_steps=1)
+        model(x_t, t, y, num_iterations=1)
     del model.fixed_point_map
     z0 = captured["z0"]
     tokens, width = z0.shape[1], z0.shape[2]

@@ -27,97 +27,94 @@ Timings are informative only: nothing asserts on them.
 from __future__ import annotations
 
 import argparse
-import datetime
-import importlib.metadata
-import json
-import platform
-import shlex
-import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+import _common
 import fixedpoint_diffusion as fd
-from fixedpoint_diffusion.training import Objective
 
 
-def _saved_bytes(objective, batch) -> int:
-    """Bytes of activations autograd saves in one training forward (parameter storages excluded)."""
-    params = {p.untyped_storage().data_ptr() for p in objective.parameters()}
-    seen: dict[int, int] = {}
+class RandomLatents(torch.utils.data.Dataset):
+    """``size`` seeded random latents (C, H, W) with labels in [0, 1000): the shape of ImageNet-256 latents."""
 
-    def pack(t):
-        if isinstance(t, torch.Tensor):
-            storage = t.untyped_storage()
-            if storage.data_ptr() not in params:
-                seen[storage.data_ptr()] = storage.nbytes()
-        return t
+    num_classes = 1000
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = objective(*batch)[0]
-    del loss
-    return sum(seen.values())
+    def __init__(self, size: int, latent: int, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(size, 4, latent, latent, generator=g)
+        self.y = torch.randint(0, self.num_classes, (size,), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], int(self.y[i])
+
+    def __getitems__(self, indices):
+        return self.x[indices], self.y[indices]
+
+
+def _config(name: str, args, out_dir: str) -> fd.Config:
+    model = {"name": name, "input_size": args.latent, "in_channels": 4, "num_classes": 1000}
+    if name.startswith("FPDM"):
+        model["backward"] = {"name": "stochastic_jfb", "max_no_grad": args.max_no_grad,
+                             "max_with_grad": args.max_with_grad}
+    return fd.load_config({
+        "model": model, "data": {"kind": "shapes", "hflip": False},
+        "train": {"global_batch_size": args.batch, "max_steps": args.warmup + args.steps, "lr": 1e-4,
+                  "mixed_precision": "bf16" if args.bf16 else "no", "compile": args.compile,
+                  "gradient_checkpointing": args.checkpointing, "out_dir": out_dir, "tracker": "none"}})
 
 
 def bench_model(name: str, args, device: torch.device) -> dict:
-    torch.manual_seed(0)
-    overrides = {"input_size": args.latent, "in_channels": 4, "num_classes": 1000}
-    if name.startswith("FPDM"):
-        overrides.update(max_no_grad=args.max_no_grad, max_with_grad=args.max_with_grad)
-    model = fd.create_model(name, **overrides).to(device)
-    ema = fd.create_model(name, **overrides).to(device).requires_grad_(False)
-    if args.checkpointing:
-        model.enable_gradient_checkpointing()
-    if args.compile:
-        for module in model.modules():
-            if type(module).__name__ == "DiTBlock":
-                module.compile()
-    autocast = torch.bfloat16 if args.bf16 else None
-    diffusion = fd.Diffusion().to(device)
-    objective = Objective(model, diffusion, autocast, device.type)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
-    B = args.batch
+    """The trainer's own step (:meth:`fixedpoint_diffusion.Trainer.train_step`: objective, backward, AdamW, EMA)
+    on random latents; the same seeded draws for every model."""
+    data = RandomLatents(args.batch * (args.warmup + args.steps), args.latent)
+    with tempfile.TemporaryDirectory() as out_dir:  # nothing is written: no checkpoint is saved
+        trainer = fd.Trainer(_config(name, args, out_dir), device=device, progress=False, dataset=data)
+        trainer.setup()
+        model = trainer.model
 
-    def batch(step):
-        g = torch.Generator().manual_seed(1000 + step)
-        x0 = torch.randn(B, 4, args.latent, args.latent, generator=g).to(device)
-        y = torch.randint(0, 1000, (B,), generator=g).to(device)
-        t = torch.randint(0, 1000, (B,), generator=g).to(device)
-        eps = torch.randn(B, 4, args.latent, args.latent, generator=g).to(device)
-        drop = (torch.rand(B, generator=g) < 0.1).to(device)
-        if isinstance(model, fd.FPDM):
-            model.generator = torch.Generator().manual_seed(2000 + step)
-        return x0, y, t, eps, drop
+        def batch(i):
+            return data.__getitems__(list(range(i * args.batch, (i + 1) * args.batch)))
 
-    def step(i):
-        loss = objective(*batch(i))[0]
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1e-4)
+        for i in range(args.warmup):
+            trainer.train_step(*batch(i), i)
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        sync()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+        for i in range(args.warmup, args.warmup + args.steps):
+            trainer.train_step(*batch(i), i)
+        sync()
+        step_s = (time.perf_counter() - start) / args.steps
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        # Activations saved for backward, measured inside real steps (same memory as a timed step), then the
+        # forward MACs of each step's draws from the model's own count.
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        saved, macs = [], []
+        for i in range(args.warmup, args.warmup + args.steps):
+            seen: dict[int, int] = {}
 
-    for i in range(args.warmup):
-        step(i)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
-    for i in range(args.warmup, args.warmup + args.steps):
-        step(i)
-    sync()
-    step_s = (time.perf_counter() - start) / args.steps
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    macs = []  # the training-mode forward (grad enabled: the backward mode decides the step counts)
-    for i in range(args.warmup, args.warmup + args.steps):
-        x0, y, t, eps, _ = batch(i)
-        with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
-            macs.append(model(diffusion.q_sample(x0, t, eps), t, y).cost.macs)
-    saved = sum(_saved_bytes(objective, batch(i)) for i in range(args.warmup, args.warmup + args.steps)) / args.steps
+            def pack(t, seen=seen):
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in params:
+                    seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+                return t
+
+            costs = []
+            handle = model.register_forward_hook(lambda m, inp, out, costs=costs: costs.append(out.cost.macs))
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                trainer.train_step(*batch(i), i)
+            handle.remove()
+            saved.append(sum(seen.values()))
+            macs.append(costs[0])
+        del trainer
     return {"model": name, "params": sum(p.numel() for p in model.parameters()), "step_ms": 1e3 * step_s,
-            "peak_mib": peak / 2**20 if peak is not None else None, "saved_mib": saved / 2**20,
+            "peak_mib": peak / 2**20 if peak is not None else None, "saved_mib": sum(saved) / len(saved) / 2**20,
             "fwd_gmacs": sum(macs) / len(macs) / 1e9}
 
 
@@ -180,15 +177,10 @@ def main(argv: list[str] | None = None) -> dict:
         peak = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "-"
         print(f"| {r['model']} | {r['params']:,} | {r['step_ms']:.1f} | {ratio(r, 'step_ms')} | {peak} | "
               f"{ratio(r, 'peak_mib')} | {r['saved_mib']:.1f} | {ratio(r, 'saved_mib')} | {r['fwd_gmacs']:.2f} |")
-    result = {"benchmark": "training", "date": datetime.date.today().isoformat(),
-              "command": "python benchmarks/training.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
-              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-              or platform.machine(), "torch": torch.__version__,
-              "fixedpoint": importlib.metadata.version("fixedpoint"), "threads": torch.get_num_threads(),
-              "settings": {k: v for k, v in vars(args).items() if k not in ("out",)}, "rows": rows}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    result = _common.environment("benchmarks/training.py", argv, device)
+    result.update(benchmark="training", threads=torch.get_num_threads(),
+                  settings={k: v for k, v in vars(args).items() if k not in ("out",)}, rows=rows)
+    out = _common.write(result, args.out)
     print(f"wrote {out} and {plot(result, out)}")
     return result
 

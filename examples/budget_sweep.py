@@ -72,7 +72,8 @@ from fixedpoint_diffusion.sampling import ALLOCATIONS
 
 # The micro model of --tiny: 8x8 images, width 32, the test suite's size (tests/micro.py).
 MICRO_CONFIG: dict[str, Any] = {
-    "model": {"name": "FPDM-S/2", **MICRO_MODEL, "max_no_grad": 2, "max_with_grad": 2},
+    "model": {"name": "FPDM-S/2", **MICRO_MODEL,
+              "backward": {"name": "stochastic_jfb", "max_no_grad": 2, "max_with_grad": 2}},
     "data": {"kind": "shapes", "image_size": 8, "num_samples": 256},
     "train": {"global_batch_size": 8, "lr": 1e-3, "ema_decay": 0.9, "log_every": 10},
 }
@@ -140,7 +141,7 @@ def run_setting(model: fd.FPDM, diffusion: fd.Diffusion, args: argparse.Namespac
     """
     row: dict[str, Any] = {"budget": budget, "iters_per_step": k, "allocation": allocation}
     try:
-        schedule = fd.plan(model, budget=budget, iters_per_step=k, allocation=allocation, ratio=args.ratio,
+        schedule = fd.plan(model, budget=budget, iterations_per_timestep=k, allocation=allocation, ratio=args.ratio,
                            tol=args.tol, num_train_timesteps=diffusion.num_timesteps)
     except ValueError as err:  # e.g. a budget too small for one timestep of this k: reported, not fatal
         return {**row, "status": "skipped", "reason": str(err)}
@@ -159,7 +160,7 @@ def run_setting(model: fd.FPDM, diffusion: fd.Diffusion, args: argparse.Namespac
     sync()
     seconds = time.perf_counter() - start
     residual = torch.cat(residuals, 1).double().mean(1)  # (timesteps,): mean over all samples
-    row.update(status="ok", num_steps=schedule.num_steps, timesteps=list(schedule.timesteps),
+    row.update(status="ok", num_steps=schedule.num_timesteps, timesteps=list(schedule.timesteps),
                iterations=list(schedule.iterations), explicit_passes=schedule.explicit_passes,
                planned_block_passes=schedule.block_passes, block_passes=max(spent_passes),
                mean_block_passes=float(np.mean(spent_passes)),

@@ -23,6 +23,11 @@ class GaussianOracle(torch.nn.Module):
                                       num_classes=len(class_means), depth=1)
         self.calls = 0
 
+    #: The sampler's contract (:class:`fixedpoint_diffusion.sampling.Denoiser`): an explicit model of one block
+    #: pass per timestep.
+    is_fixed_point = False
+    explicit_passes = 1
+
     def forward(self, x_t, t, y, **kwargs):
         self.calls += 1
         a = self.diffusion.alphas_cumprod[t].view(-1, 1, 1, 1)

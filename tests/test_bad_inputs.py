@@ -38,9 +38,9 @@ def fpdm():
     ({"budget": 24, "allocation": [1.5, 2.7]}, "allocation"),
     ({"budget": 24, "allocation": ["a", "b"]}, "allocation"),
     ({"budget": 24, "allocation": [2, True]}, "allocation"),
-    ({"budget": 24, "allocation": [4, 1], "iters_per_step": 3}, "iters_per_step"),
-    ({"budget": 24, "iters_per_step": 2, "allocation": "increasing", "ratio": float("inf")}, "ratio"),
-    ({"budget": 24, "iters_per_step": 2, "allocation": "sideways"}, "allocation"),
+    ({"budget": 24, "allocation": [4, 1], "iterations_per_timestep": 3}, "iterations_per_timestep"),
+    ({"budget": 24, "iterations_per_timestep": 2, "allocation": "increasing", "ratio": float("inf")}, "ratio"),
+    ({"budget": 24, "iterations_per_timestep": 2, "allocation": "sideways"}, "allocation"),
 ])
 def test_plan_refuses(fpdm, kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -61,7 +61,7 @@ def test_plan_refuses(fpdm, kwargs, match):
 ])
 def test_sample_refuses(fpdm, labels, kwargs, match):
     with pytest.raises(ValueError, match=match):
-        fd.sample(fpdm, labels, budget=6, iters_per_step=1, **kwargs)
+        fd.sample(fpdm, labels, budget=6, iterations_per_timestep=1, **kwargs)
 
 
 @pytest.mark.parametrize("kwargs, match", [

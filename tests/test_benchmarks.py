@@ -69,7 +69,7 @@ def test_sampling_benchmark_tiny(tmp_path, capsys):
         # FLOPs per image = 2 x the model's own MAC count for one forward x the number of timesteps.
         model = fd.create_model(row["model"], input_size=8)
         x, t, y = torch.zeros(1, 4, 8, 8), torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long)
-        kw = {"num_steps": row["iters_per_step"]} if row["iters_per_step"] else {}
+        kw = {"num_iterations": row["iters_per_step"]} if row["iters_per_step"] else {}
         with torch.no_grad():
             macs = model(x, t, y, **kw).cost.macs
         assert row["gflop_per_image"] * 1e9 == pytest.approx(2 * macs * row["num_steps"], rel=1e-9)

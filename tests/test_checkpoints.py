@@ -134,14 +134,15 @@ def test_fpdm_training_checkpoint_round_trip(tmp_path, time_cond, use_ema):
     assert isinstance(model, fd.FPDM) and not model.training
     cfg = model.config
     assert (cfg.pre_depth, cfg.post_depth, cfg.timestep_conditioned_explicit) == (1, 2, time_cond)
-    assert (cfg.input_size, cfg.num_classes, cfg.max_no_grad, cfg.max_with_grad) == (SIZE, CLASSES, 10, 12)
+    assert (cfg.input_size, cfg.num_classes, cfg.backward["max_no_grad"], cfg.backward["max_with_grad"]) == \
+        (SIZE, CLASSES, 10, 12)
     x, t, y = inputs()
     sd = weights["ema" if use_ema else "model"]
     with torch.no_grad():
         for steps in (1, 3):
             ref = reference_forward(sd, x, t, y, fixed_point=True, steps=steps, time_cond_explicit=time_cond,
                                     pre=1, post=2)
-            torch.testing.assert_close(model(x, t, y, num_steps=steps).out, ref, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(model(x, t, y, num_iterations=steps).out, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_dit_bare_state_dict_round_trip(tmp_path):

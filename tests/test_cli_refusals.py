@@ -163,7 +163,7 @@ def test_sample_defaults_and_errors_in_the_commands_own_flags(tmp_path, capsys):
     assert capsys.readouterr().out.startswith("50 timesteps, 200 block passes per image")  # 50 x (1 + 2 + 1)
     assert fpdm(["sample", "--model", model, "--budget", "20", "--num-steps", "3", "--iters", "2", "--dry-run"]) == 2
     line = _error(capsys)
-    assert "--budget, --iters and --num-steps" in line and "iters_per_step" not in line
+    assert "--budget, --iters and --timesteps" in line and "iterations_per_timestep" not in line
     assert fpdm(["sample", "--model", str(pretrained.path("shapes-dit")), "--budget", "12", "--sampler", "ddim",
                  "--num-samples", "2", "--out", str(tmp_path / "o"), "--no-progress"]) == 0
     assert "12 block passes per image spent" in capsys.readouterr().out

@@ -17,7 +17,8 @@ def test_shipped_configs_load_with_the_paper_recipe():
         assert cfg.model["input_size"] == 32 and cfg.model["learn_sigma"] is True
     fpdm = fd.load_config("fpdm-xl2-imagenet256").model
     # M = N = 12 as in the paper's text (Sec. 4.1): n ~ U[0, 12] no-grad, m ~ U[1, 12] with-grad steps.
-    assert (fpdm["min_no_grad"], fpdm["max_no_grad"], fpdm["min_with_grad"], fpdm["max_with_grad"]) == (0, 12, 1, 12)
+    assert fpdm["backward"] == {"name": "stochastic_jfb", "min_no_grad": 0, "max_no_grad": 12, "min_with_grad": 1,
+                                "max_with_grad": 12}
     # Every shipped config builds its model with the keys it names.
     for name in ("tiny", "tiny-dit"):
         cfg = fd.load_config(name)
@@ -64,3 +65,20 @@ def test_config_files_and_dicts(tmp_path):
     (tmp_path / "broken.toml").write_text("[train\n")
     with pytest.raises(ConfigError, match="broken.toml"):
         fd.load_config(str(tmp_path / "broken.toml"))
+
+
+def test_model_sections_with_the_old_flat_backward_keys_load_and_tables_take_overrides():
+    old = {"model": {"name": "FPDM-S/2", "backward": "stochastic_jfb", "min_no_grad": 0, "max_no_grad": 4,
+                     "max_with_grad": 4}}
+    cfg = fd.load_config(old)
+    assert cfg.model["backward"] == {"name": "stochastic_jfb", "min_no_grad": 0, "max_no_grad": 4,
+                                     "min_with_grad": 1, "max_with_grad": 4}
+    assert "max_no_grad" not in cfg.model
+    tuned = fd.load_config("tiny", ["model.backward.max_no_grad=7"]).model["backward"]
+    assert (tuned["name"], tuned["max_no_grad"], tuned["max_with_grad"]) == ("stochastic_jfb", 7, 4)
+    assert fd.load_config("tiny", ['model.backward="jfb"', "model.backward.steps=3"]).model["backward"] == {
+        "name": "jfb", "steps": 3}
+    with pytest.raises(ConfigError, match="model.*max_no_grad"):
+        fd.load_config("tiny", ["model.backward.max_no_grad=-1"])
+    with pytest.raises(ConfigError, match="unknown option"):
+        fd.load_config("tiny", ['model.solver="anderson"', "model.solver.memry=3"])

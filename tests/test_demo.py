@@ -78,8 +78,8 @@ def test_a_setting_equals_sampling_and_scoring_it_by_hand(toy_run):
     classifier = pretrained.classifier()
     reference = Scorer.from_classifier(classifier, seed=TOY.seed).reference
     labels = torch.arange(TOY.num_samples) % 8
-    result = sample(model, labels, diffusion=diffusion, budget=24, iters_per_step=2, sampler="ddim", reuse=True,
-                    seed=TOY.seed)
+    result = sample(model, labels, diffusion=diffusion, budget=24, iterations_per_timestep=2, sampler="ddim",
+                    reuse=True, seed=TOY.seed)
     by_hand = evaluate_samples(to_uint8(result.samples), labels.numpy(), classifier, reference, kid_subsets=20,
                                kid_subset_size=TOY.num_samples, seed=TOY.seed)
     assert by_hand["fd"] == pytest.approx(row["fd"], rel=1e-6)

@@ -137,8 +137,8 @@ def test_class_dropout_is_seeded_and_about_the_right_rate():
 
 
 def test_loss_trains_a_real_fpdm():
-    model = fd.create_model("FPDM-S/8", input_size=16, num_classes=10, hidden_size=64, num_heads=4, max_no_grad=2,
-                            max_with_grad=2)
+    model = fd.create_model("FPDM-S/8", input_size=16, num_classes=10, hidden_size=64, num_heads=4,
+                            backward={"name": "stochastic_jfb", "max_no_grad": 2, "max_with_grad": 2})
     d = Diffusion()
     x0, y = torch.randn(2, 4, 16, 16), torch.tensor([1, 2])
     out = d.loss(model, x0, y, generator=torch.Generator().manual_seed(0))
@@ -166,3 +166,30 @@ def test_bad_loss_inputs():
                class_dropout=1.5)
     with pytest.raises(ValueError, match="learn_sigma needs a model with 4 output channels"):
         d.loss(Fixed(torch.zeros(1, 2, 2, 2)), torch.zeros(1, 2, 2, 2), torch.zeros(1, dtype=torch.long))
+
+
+def test_diffusion_settings_save_and_load_the_diffusers_way(tmp_path):
+    from fixedpoint_diffusion.pipeline import diffusion_from_scheduler, scheduler_from_diffusion
+    from fixedpoint_diffusion.runs import load_model
+
+    d = fd.Diffusion(500, 2e-4, 0.03, zero_terminal_snr=False, prediction="epsilon", learn_sigma=False,
+                     mean_loss="official_x0_snr")
+    d.save_config(tmp_path)
+    again = fd.Diffusion.from_config(fd.Diffusion.load_config(tmp_path))
+    public = lambda cfg: {k: v for k, v in cfg.items() if not k.startswith("_")}  # noqa: E731
+    assert public(again.config) == public(d.config)
+    torch.testing.assert_close(again.alphas_cumprod, d.alphas_cumprod, rtol=0, atol=0)
+    back = diffusion_from_scheduler(scheduler_from_diffusion(d, learn_sigma=False))
+    assert public(back.config) == {**public(d.config), "mean_loss": "mse"}
+    with pytest.raises(ValueError, match=r"unknown setting\(s\) \['predict_v'\]"):
+        fd.Diffusion.from_config({"predict_v": True})
+    with pytest.raises(ValueError, match="prediction must be one of"):
+        fd.Diffusion.from_config({"prediction": "x0"})
+    # a run's ema/diffusion.json (the [diffusion] section, written before Diffusion had a config) loads as is
+    from fixedpoint_diffusion import pretrained
+
+    shipped = pretrained.path("shapes-fpdm")
+    model, loaded = load_model(shipped, weights=False)
+    assert loaded.learn_sigma == model.config.learn_sigma
+    assert public(loaded.config) == {**public(fd.Diffusion.load_config(shipped)), "learn_sigma": True}
+    assert fd.load_config("tiny").diffusion.build(learn_sigma=False).learn_sigma is False

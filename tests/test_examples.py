@@ -201,10 +201,10 @@ def test_imagenet_recipe_schedule_table_matches_the_planner():
     assert len(rows) == 7
     for model, budget, k, steps, passes in rows:
         if model == "FPDM-XL/2":
-            schedule = fd.plan(budget=int(budget), iters_per_step=int(k), explicit_passes=2)
+            schedule = fd.plan(budget=int(budget), iterations_per_timestep=int(k), explicit_passes=2)
         else:
             with torch.device("meta"):
                 schedule = fd.plan(fd.create_model("DiT-XL/2"), budget=int(budget))
-        assert (schedule.num_steps, schedule.block_passes) == (int(steps), int(passes)), (model, budget, k)
-    assert fd.plan(budget=280, iters_per_step=1, explicit_passes=2).num_steps == 93
-    assert fd.plan(budget=280, iters_per_step=68, explicit_passes=2).num_steps == 4
+        assert (schedule.num_timesteps, schedule.block_passes) == (int(steps), int(passes)), (model, budget, k)
+    assert fd.plan(budget=280, iterations_per_timestep=1, explicit_passes=2).num_timesteps == 93
+    assert fd.plan(budget=280, iterations_per_timestep=68, explicit_passes=2).num_timesteps == 4

@@ -7,6 +7,7 @@ import pytest
 import torch
 from micro import micro_raw
 
+import fixedpoint as fp
 import fixedpoint_diffusion as fd
 from fixedpoint_diffusion import evaluation as ev
 from fixedpoint_diffusion.experiment import Scorer, calibrate, train_for
@@ -51,11 +52,11 @@ def test_scorer_equals_sampling_and_scoring_by_hand(tmp_path):
     model, diffusion = load_model(tmp_path / "fpdm" / "ema")
     scorer = Scorer.build(8, tmp_path, classifier_steps=3, num_reference=50)
     assert (tmp_path / "classifier.pt").is_file()
-    result = scorer.score(model, diffusion, num_samples=20, batch_size=7, seed=3, budget=12, iters_per_step=2,
+    result = scorer.score(model, diffusion, num_samples=20, batch_size=7, seed=3, budget=12, iterations_per_timestep=2,
                           sampler="ddim", keep=5)
     # The same samples in one batch (each sample has its own seeded generator), scored directly.
     labels = torch.arange(20) % 8
-    out = fd.sample(model, labels, diffusion=diffusion, seed=3, budget=12, iters_per_step=2, sampler="ddim")
+    out = fd.sample(model, labels, diffusion=diffusion, seed=3, budget=12, iterations_per_timestep=2, sampler="ddim")
     images = to_uint8(out.samples)
     direct = ev.evaluate_samples(images, labels.numpy(), scorer.classifier, scorer.reference, kid_subsets=20,
                                  kid_subset_size=20, seed=3)
@@ -110,9 +111,10 @@ def _counted_training_macs(model, batch: int) -> float:
 
 
 @pytest.mark.parametrize("kind, extra", [("DiT", {"depth": 3}),
-                                         ("FPDM", {"min_no_grad": 2, "max_no_grad": 2, "min_with_grad": 3,
-                                                   "max_with_grad": 3}),
-                                         ("FPDM", {"backward": "jfb", "jfb_steps": 2, "max_steps": 4})])
+                                         ("FPDM", {"backward": {"name": "stochastic_jfb", "min_no_grad": 2,
+                                                                "max_no_grad": 2, "min_with_grad": 3,
+                                                                "max_with_grad": 3}}),
+                                         ("FPDM", {"backward": {"name": "jfb", "steps": 2}, "max_steps": 4})])
 def test_training_macs_agree_with_torchs_flop_counter(kind, extra):
     """The analytic cost per step against an independent count of a real step; 3x-forward is the convention,
     the counter sees the true backward (no input gradient for the first layer, so slightly less)."""
@@ -125,9 +127,11 @@ def test_training_macs_agree_with_torchs_flop_counter(kind, extra):
 
 def test_stochastic_jfb_training_macs_are_the_mean_over_its_draws():
     model = fd.create_model("FPDM-S/2", input_size=8, in_channels=3, num_classes=8, hidden_size=32, num_heads=2,
-                            min_no_grad=0, max_no_grad=2, min_with_grad=1, max_with_grad=3)
+                            backward=fp.StochasticJFB(min_no_grad=0, max_no_grad=2, min_with_grad=1,
+                                                      max_with_grad=3))
     fixed = [fd.create_model("FPDM-S/2", input_size=8, in_channels=3, num_classes=8, hidden_size=32, num_heads=2,
-                             min_no_grad=n, max_no_grad=n, min_with_grad=m, max_with_grad=m).training_macs(8)
+                             backward=fp.StochasticJFB(min_no_grad=n, max_no_grad=n, min_with_grad=m,
+                                                       max_with_grad=m)).training_macs(8)
              for n in range(3) for m in range(1, 4)]
     assert model.training_macs(8) == pytest.approx(sum(fixed) / len(fixed), rel=1e-12)
 

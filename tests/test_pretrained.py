@@ -22,7 +22,7 @@ from fixedpoint_diffusion.pipeline import to_uint8
 # set (128 samples, seed 12345, budget 48, DDIM, unguided; measured 2026-12-04 on the 2-core VM, torch 2.13.0+cpu):
 # FPDM 0.633, DiT 0.789. A broken sampler, model, checkpoint or classifier gives about chance (0.125).
 BARS = {"shapes-fpdm": 0.50, "shapes-dit": 0.65}
-SAMPLING = {"shapes-fpdm": {"budget": 48, "iters_per_step": 2}, "shapes-dit": {"budget": 48}}
+SAMPLING = {"shapes-fpdm": {"budget": 48, "iterations_per_timestep": 2}, "shapes-dit": {"budget": 48}}
 
 
 @pytest.mark.parametrize("name", pretrained.MODELS)

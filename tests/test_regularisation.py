@@ -152,7 +152,7 @@ def test_fpdm_forward_is_one_pass_for_a_spectral_norm_in_its_fixed_point_block(m
     monkeypatch.setattr(_SpectralNorm, "_power", lambda self, *a: (calls.append(1), real(self, *a))[1])
     x, t, y = torch.randn(2, 3, 8, 8), torch.tensor([10, 500]), torch.tensor([1, 2])
     model.train()
-    out = model(x, t, y, num_steps=6)  # six applications of the fixed-point map
+    out = model(x, t, y, num_iterations=6)  # six applications of the fixed-point map
     assert out.solution.num_steps == 6 and len(calls) == 1
     calls.clear()
     model(x, t, y).out.square().mean().backward()  # training call: stochastic JFB, several with-grad steps

@@ -9,7 +9,7 @@ from oracle import GaussianOracle
 
 import fixedpoint_diffusion as fd
 from fixedpoint_diffusion import cli
-from fixedpoint_diffusion.sampling import _distribute, spaced_timesteps
+from fixedpoint_diffusion.budget import _distribute, spaced_timesteps
 
 # --- the samplers against the exact denoiser of Gaussian data ----------------------------------------------------
 
@@ -23,7 +23,7 @@ def test_samplers_reach_the_data_distribution(sampler, prediction, zero_snr):
     labels = torch.arange(800) % 2
     errors = []
     for steps in (10, 50, 250):
-        x = fd.sample(oracle, labels, diffusion=diffusion, num_steps=steps, sampler=sampler, seed=1).samples
+        x = fd.sample(oracle, labels, diffusion=diffusion, num_timesteps=steps, sampler=sampler, seed=1).samples
         for c in (0, 1):
             assert abs(x[labels == c].mean().item() - means[c].item()) < 0.02
         errors.append(abs(x.std(dim=(1, 2, 3)).mean().item() - std) + abs(x[labels == 0].std().item() - std))
@@ -38,7 +38,7 @@ def test_ddim_handles_step_counts_that_do_not_divide_the_training_steps():
     for steps in (7, 33, 999, 1000):
         ts = spaced_timesteps(1000, steps)
         assert ts[0] == 999 and ts[-1] == 0 and len(set(ts)) == steps
-        x = fd.sample(oracle, torch.zeros(400, dtype=torch.long), diffusion=diffusion, num_steps=steps,
+        x = fd.sample(oracle, torch.zeros(400, dtype=torch.long), diffusion=diffusion, num_timesteps=steps,
                       sampler="ddim").samples
         assert abs(x.mean().item() - 0.7) < 0.02 and torch.isfinite(x).all()
 
@@ -54,11 +54,12 @@ explicit_st = st.integers(0, 4)
        ratio=st.floats(1.0, 10.0))
 def test_budget_from_iterations_per_step(explicit, budget, k, allocation, ratio):
     try:
-        s = fd.plan(explicit_passes=explicit, budget=budget, iters_per_step=k, allocation=allocation, ratio=ratio)
+        s = fd.plan(explicit_passes=explicit, budget=budget, iterations_per_timestep=k, allocation=allocation,
+                    ratio=ratio)
     except ValueError as err:  # only "too small for one timestep" or "more timesteps than training has"
         assert budget < explicit + k or budget // (explicit + k) > 1000, err
         return
-    assert s.num_steps == budget // (explicit + k)
+    assert s.num_timesteps == budget // (explicit + k)
     assert s.block_passes <= budget and min(s.iterations) >= 1
     if allocation == "constant":
         assert set(s.iterations) == {k}
@@ -71,11 +72,11 @@ def test_budget_from_iterations_per_step(explicit, budget, k, allocation, ratio)
 @example(explicit=0, budget=3, steps=2, allocation="increasing", ratio=1.0)  # equal weights: ties go late
 def test_budget_from_number_of_timesteps(explicit, budget, steps, allocation, ratio):
     try:
-        s = fd.plan(explicit_passes=explicit, budget=budget, num_steps=steps, allocation=allocation, ratio=ratio)
+        s = fd.plan(explicit_passes=explicit, budget=budget, num_timesteps=steps, allocation=allocation, ratio=ratio)
     except ValueError as err:
         assert budget < steps * (explicit + 1), err
         return
-    assert s.num_steps == steps and s.block_passes == budget and min(s.iterations) >= 1  # all of it, no more
+    assert s.num_timesteps == steps and s.block_passes == budget and min(s.iterations) >= 1  # all of it, no more
     if allocation == "constant":
         assert max(s.iterations) - min(s.iterations) <= 1
     _check_shape(s)
@@ -86,7 +87,7 @@ def test_budget_from_number_of_timesteps(explicit, budget, steps, allocation, ra
 @example(explicit=2, budget=48, steps=12, ratio=3.0)  # rounding noise once made "decreasing" all 2s here
 def test_decreasing_is_the_mirror_of_increasing(explicit, budget, steps, ratio):
     try:
-        up, down = (fd.plan(explicit_passes=explicit, budget=budget, num_steps=steps, allocation=a, ratio=ratio)
+        up, down = (fd.plan(explicit_passes=explicit, budget=budget, num_timesteps=steps, allocation=a, ratio=ratio)
                     for a in ("increasing", "decreasing"))
     except ValueError:
         return
@@ -99,7 +100,7 @@ def _check_shape(s):
         assert (np.diff(it) >= 0).all()
     if s.allocation == "decreasing":
         assert (np.diff(it) <= 0).all()
-    assert list(s.timesteps) == sorted(s.timesteps, reverse=True) and len(set(s.timesteps)) == s.num_steps
+    assert list(s.timesteps) == sorted(s.timesteps, reverse=True) and len(set(s.timesteps)) == s.num_timesteps
 
 
 @given(total=st.integers(1, 500), weights=st.lists(st.floats(0.1, 10.0), min_size=1, max_size=50))
@@ -115,23 +116,23 @@ def test_distribute_is_exact(total, weights):
 
 def test_plan_errors_and_dit_budgets():
     with pytest.raises(ValueError, match="too small for one timestep"):
-        fd.plan(explicit_passes=2, budget=2, iters_per_step=1)
-    with pytest.raises(ValueError, match="iters_per_step must be an int >= 1"):
-        fd.plan(explicit_passes=2, budget=100, iters_per_step=0)
+        fd.plan(explicit_passes=2, budget=2, iterations_per_timestep=1)
+    with pytest.raises(ValueError, match="iterations_per_timestep must be an int >= 1"):
+        fd.plan(explicit_passes=2, budget=100, iterations_per_timestep=0)
     with pytest.raises(ValueError, match="allocation must be one of"):
-        fd.plan(explicit_passes=2, budget=100, iters_per_step=2, allocation="random")
+        fd.plan(explicit_passes=2, budget=100, iterations_per_timestep=2, allocation="random")
     with pytest.raises(ValueError, match="over the budget"):
         fd.plan(explicit_passes=2, budget=9, allocation=[3, 3])  # costs 2 * 2 + 6 = 10
     assert fd.plan(explicit_passes=2, allocation=[3, 1, 2]).iterations == (3, 1, 2)
     dit = fd.create_model("DiT-S/2", input_size=8, depth=4)
     s = fd.plan(dit, budget=30)
-    assert s.num_steps == 7 and s.iterations is None and s.block_passes == 28
+    assert s.num_timesteps == 7 and s.iterations is None and s.block_passes == 28
     with pytest.raises(ValueError, match="fixed-point models only"):
-        fd.plan(dit, budget=30, iters_per_step=2)
+        fd.plan(dit, budget=30, iterations_per_timestep=2)
     # Paper footnote 4: 280 blocks = 1 pre + 26 iterations + 1 post over 10 timesteps.
     fpdm = fd.create_model("FPDM-S/2", input_size=8)
-    assert fd.plan(fpdm, budget=280, iters_per_step=26).num_steps == 10
-    assert fd.plan(fpdm, budget=280, iters_per_step=8).num_steps == 28
+    assert fd.plan(fpdm, budget=280, iterations_per_timestep=26).num_timesteps == 10
+    assert fd.plan(fpdm, budget=280, iterations_per_timestep=8).num_timesteps == 28
 
 
 # --- the sampler with real models -------------------------------------------------------------------------------
@@ -153,24 +154,25 @@ def test_block_passes_counted_by_hooks_equal_the_report():
     for module in model.modules():
         if type(module).__name__ == "DiTBlock":
             module.register_forward_hook(lambda *a: calls.append(1))
-    for kwargs in ({"budget": 40, "iters_per_step": 3}, {"budget": 40, "num_steps": 5, "allocation": "increasing"},
-                   {"budget": 40, "num_steps": 5, "allocation": "adaptive", "tol": 0.3}):
+    for kwargs in ({"budget": 40, "iterations_per_timestep": 3},
+                   {"budget": 40, "num_timesteps": 5, "allocation": "increasing"},
+                   {"budget": 40, "num_timesteps": 5, "allocation": "adaptive", "tol": 0.3}):
         for guidance in (1.0, 3.0):
             calls.clear()
             out = fd.sample(model, [0, 1, 3], guidance_scale=guidance, **kwargs)
             assert len(calls) == out.block_passes <= 40
-            assert sum(out.iterations) + 2 * out.schedule.num_steps == out.block_passes
-            assert out.residuals.shape == (out.schedule.num_steps, 3)
+            assert sum(out.iterations) + 2 * out.schedule.num_timesteps == out.block_passes
+            assert out.residuals.shape == (out.schedule.num_timesteps, 3)
             batch = 6 if guidance != 1.0 else 3
-            macs = model._cost(batch, 0).macs * out.schedule.num_steps + (
+            macs = model._cost(batch, 0).macs * out.schedule.num_timesteps + (
                 model._cost(batch, 1).macs - model._cost(batch, 0).macs) * sum(out.iterations)
             assert out.macs == macs
 
 
 def test_adaptive_carries_unused_iterations_forward():
     model = _tiny_fpdm()
-    loose = fd.sample(model, [0, 1], budget=60, num_steps=6, allocation="adaptive", tol=0.5)
-    tight = fd.sample(model, [0, 1], budget=60, num_steps=6, allocation="adaptive", tol=1e-9)
+    loose = fd.sample(model, [0, 1], budget=60, num_timesteps=6, allocation="adaptive", tol=0.5)
+    tight = fd.sample(model, [0, 1], budget=60, num_timesteps=6, allocation="adaptive", tol=1e-9)
     assert tight.iterations[:-1] == list(tight.schedule.iterations[:-1])  # never converges: uses its allowance
     assert sum(loose.iterations) < sum(tight.iterations) <= 60 - 12
     # Whatever a timestep leaves is available to the next one: its allowance grows.
@@ -198,20 +200,20 @@ def test_reuse_starts_each_solve_from_the_previous_solution(monkeypatch):
     for guidance in (1.0, 2.0):
         seen.clear()
         pre_out.clear()
-        fd.sample(model, [0, 2], num_steps=4, iters_per_step=2, reuse=True, guidance_scale=guidance)
+        fd.sample(model, [0, 2], num_timesteps=4, iterations_per_timestep=2, reuse=True, guidance_scale=guidance)
         assert torch.equal(seen[0][0], pre_out[0])
         for (z0_next, _), (_, z_prev) in zip(seen[1:], seen[:-1]):
             assert torch.equal(z0_next, z_prev)  # per sample, both guidance branches
         seen.clear()
         pre_out.clear()
-        fd.sample(model, [0, 2], num_steps=4, iters_per_step=2, reuse=False, guidance_scale=guidance)
+        fd.sample(model, [0, 2], num_timesteps=4, iterations_per_timestep=2, reuse=False, guidance_scale=guidance)
         assert all(torch.equal(z0, h) for (z0, _), h in zip(seen, pre_out))
 
 
 def test_determinism_sharding_and_guidance_scale_one():
     model = _tiny_fpdm()
     labels = torch.tensor([0, 1, 2, 3, 0, 1, 2])
-    kw = {"budget": 30, "iters_per_step": 2, "seed": 5}
+    kw = {"budget": 30, "iterations_per_timestep": 2, "seed": 5}
     a = fd.sample(model, labels, **kw).samples
     assert torch.equal(a, fd.sample(model, labels, **kw).samples)
     assert not torch.equal(a, fd.sample(model, labels, **{**kw, "seed": 6}).samples)
@@ -235,9 +237,9 @@ def test_guidance_modes():
     diffusion = fd.Diffusion()
     oracle = GaussianOracle(diffusion, torch.tensor([1.0, -1.0]), 0.2, channels=4)
     labels = torch.zeros(200, dtype=torch.long)
-    plain = fd.sample(oracle, labels, num_steps=20, sampler="ddim").samples
-    full = fd.sample(oracle, labels, num_steps=20, sampler="ddim", guidance_scale=2.0).samples
-    three = fd.sample(oracle, labels, num_steps=20, sampler="ddim", guidance_scale=2.0,
+    plain = fd.sample(oracle, labels, num_timesteps=20, sampler="ddim").samples
+    full = fd.sample(oracle, labels, num_timesteps=20, sampler="ddim", guidance_scale=2.0).samples
+    three = fd.sample(oracle, labels, num_timesteps=20, sampler="ddim", guidance_scale=2.0,
                       guidance_channels="official_3").samples
     # Guidance pushes away from the null class (mean 0): class 0's mean moves beyond 1 on the guided channels.
     assert full.mean().item() > plain.mean().item() + 0.3
@@ -249,18 +251,18 @@ def test_sample_errors_before_compute():
     calls = []
     model.register_forward_pre_hook(lambda *a: calls.append(1))
     with pytest.raises(ValueError, match=r"class_labels must be in \[0, 4\)"):
-        fd.sample(model, [0, 4], budget=30, iters_per_step=2)
+        fd.sample(model, [0, 4], budget=30, iterations_per_timestep=2)
     with pytest.raises(ValueError, match="too small for one timestep"):
-        fd.sample(model, [0], budget=3, iters_per_step=2)
-    with pytest.raises(ValueError, match="iters_per_step must be an int >= 1"):
-        fd.sample(model, [0], budget=30, iters_per_step=0)
+        fd.sample(model, [0], budget=3, iterations_per_timestep=2)
+    with pytest.raises(ValueError, match="iterations_per_timestep must be an int >= 1"):
+        fd.sample(model, [0], budget=30, iterations_per_timestep=0)
     one_class = fd.create_model("FPDM-S/2", input_size=8, in_channels=3, num_classes=1, hidden_size=32, num_heads=2)
     with pytest.raises(ValueError, match="needs a class-conditional model"):
-        fd.sample(one_class, [0], budget=30, iters_per_step=2, guidance_scale=3.0)
+        fd.sample(one_class, [0], budget=30, iterations_per_timestep=2, guidance_scale=3.0)
     with pytest.raises(ValueError, match="sampler must be"):
-        fd.sample(model, [0], budget=30, iters_per_step=2, sampler="euler")
+        fd.sample(model, [0], budget=30, iterations_per_timestep=2, sampler="euler")
     assert not calls
-    out = fd.sample(one_class, None, num_samples=2, budget=12, iters_per_step=2)  # unconditional: null class
+    out = fd.sample(one_class, None, num_samples=2, budget=12, iterations_per_timestep=2)  # unconditional: null class
     assert out.samples.shape == (2, 3, 8, 8) and out.labels.tolist() == [1, 1]
 
 
@@ -270,14 +272,14 @@ def test_sample_errors_before_compute():
 def test_pipeline_round_trip(tmp_path):
     model = _tiny_fpdm()
     pipe = fd.FPDMPipeline(transformer=model, scheduler=fd.scheduler_from_diffusion(fd.Diffusion()))
-    out = pipe([0, 1], budget=20, iters_per_step=2, output_type="np", seed=3)
+    out = pipe([0, 1], budget=20, iterations_per_timestep=2, output_type="np", seed=3)
     assert out.images.shape == (2, 8, 8, 3) and out.images.dtype == np.uint8 and out.result.block_passes <= 20
     pipe.save_pretrained(tmp_path / "pipe")
     loaded = fd.FPDMPipeline.from_pretrained(tmp_path / "pipe")
-    again = loaded([0, 1], budget=20, iters_per_step=2, output_type="np", seed=3)
+    again = loaded([0, 1], budget=20, iterations_per_timestep=2, output_type="np", seed=3)
     assert np.array_equal(out.images, again.images)
     assert fd.diffusion_from_scheduler(loaded.scheduler).zero_terminal_snr is True
-    pil = loaded([2], budget=20, iters_per_step=2, seed=3).images
+    pil = loaded([2], budget=20, iterations_per_timestep=2, seed=3).images
     assert pil[0].size == (8, 8)
 
 
@@ -358,13 +360,13 @@ def test_pipeline_takes_diffusers_arguments_with_defaults():
     labels = pipe.get_label_ids(["disc-warm", "cross-cool"])
     assert labels == [0, 7]
     out = pipe(labels, num_inference_steps=5, generator=torch.Generator().manual_seed(1), output_type="np")
-    assert out.images.shape == (2, 16, 16, 3) and out.result.schedule.num_steps == 5
+    assert out.images.shape == (2, 16, 16, 3) and out.result.schedule.num_timesteps == 5
     assert out.result.schedule.iterations == (2,) * 5  # the FPDM default: 2 iterations per timestep
     again = pipe(labels, num_inference_steps=5, generator=torch.Generator().manual_seed(1), output_type="np",
                  return_dict=False)
     assert isinstance(again, tuple) and np.array_equal(again[0], out.images)  # the generator seeds the noise
-    assert pipe(labels, output_type="np").result.schedule.num_steps == 50  # no budget, no steps: 50 timesteps
-    by_budget = pipe(labels, budget=24, iters_per_step=2, output_type="np", guidance_scale=2.0)
+    assert pipe(labels, output_type="np").result.schedule.num_timesteps == 50  # no budget, no steps: 50 timesteps
+    by_budget = pipe(labels, budget=24, iterations_per_timestep=2, output_type="np", guidance_scale=2.0)
     assert by_budget.result.block_passes <= 24
     with pytest.raises(TypeError, match="FPDMPipeline got unexpected argument"):
         pipe(labels, num_images_per_prompt=2)

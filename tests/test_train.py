@@ -132,7 +132,8 @@ def test_time_limit_stops_cleanly_and_counts_across_resumes(tmp_path):
 
 def test_gradient_checkpointing_gives_the_same_gradients():
     torch.manual_seed(0)
-    for name, kw in (("FPDM-S/2", {"backward": "jfb", "jfb_steps": 3, "max_steps": 4}), ("DiT-S/2", {"depth": 2})):
+    for name, kw in (("FPDM-S/2", {"backward": {"name": "jfb", "steps": 3}, "max_steps": 4}),
+                     ("DiT-S/2", {"depth": 2})):
         model = fd.create_model(name, input_size=8, in_channels=3, num_classes=4, hidden_size=32, num_heads=2, **kw)
         for p in model.parameters():  # leave adaLN-Zero's zero init, so every path carries gradient
             torch.nn.init.normal_(p, std=0.05)
@@ -184,6 +185,8 @@ def test_torchrun_two_processes_equal_one_process(tmp_path, model):
 
 def _toml(raw):
     def value(v):
+        if isinstance(v, dict):  # an inline table, e.g. the model's backward options
+            return "{ " + ", ".join(f"{k} = {value(x)}" for k, x in v.items()) + " }"
         return json.dumps(v) if not isinstance(v, bool) else str(v).lower()
 
     return "\n".join(f"[{name}]\n" + "\n".join(f"{k} = {value(v)}" for k, v in section.items())

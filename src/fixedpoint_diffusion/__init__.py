@@ -6,6 +6,7 @@ import importlib.util
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # imported on first use instead, so that `fpdm --help` starts without loading torch
+    from .budget import Schedule, fill_schedule_defaults, plan
     from .checkpoints import load_official_checkpoint
     from .config import Config, ConfigError, DataConfig, DiffusionConfig, TrainConfig, list_configs, load_config
     from .data import ImageFolder, LatentDataset, Shapes, extract_latents, load_vae
@@ -17,7 +18,7 @@ if TYPE_CHECKING:  # imported on first use instead, so that `fpdm --help` starts
     from .models import FPDM, PRESETS, Cost, DiT, ModelOutput, create_model
     from .pipeline import FPDMPipeline, FPDMPipelineOutput, diffusion_from_scheduler, scheduler_from_diffusion
     from .runs import RunFolder, latest_checkpoint, load_model
-    from .sampling import SampleOutput, Schedule, batches_for_rank, fill_schedule_defaults, plan, plot_residuals, sample
+    from .sampling import Denoiser, SampleOutput, batches_for_rank, plot_residuals, sample
     from .training import Trainer, TrainState, TrainSummary, train
 
 __version__ = "0.1.0"
@@ -37,13 +38,13 @@ _LAZY = {  # name -> the module that defines it
     **dict.fromkeys(["FPDMPipeline", "FPDMPipelineOutput", "diffusion_from_scheduler", "scheduler_from_diffusion"],
                     "pipeline"),
     **dict.fromkeys(["RunFolder", "latest_checkpoint", "load_model"], "runs"),
-    **dict.fromkeys(["SampleOutput", "Schedule", "batches_for_rank", "fill_schedule_defaults", "plan",
-                     "plot_residuals", "sample"], "sampling"),
+    **dict.fromkeys(["Schedule", "fill_schedule_defaults", "plan"], "budget"),
+    **dict.fromkeys(["Denoiser", "SampleOutput", "batches_for_rank", "plot_residuals", "sample"], "sampling"),
     **dict.fromkeys(["Trainer", "TrainState", "TrainSummary", "train"], "training"),
 }
 
 __all__ = [
-    "Config", "ConfigError", "Cost", "DataConfig", "DemoSettings", "DiT", "Diffusion", "DiffusionConfig", "FPDM",
+    "Config", "ConfigError", "Cost", "DataConfig", "DemoSettings", "Denoiser", "DiT", "Diffusion", "DiffusionConfig", "FPDM",
     "FPDMPipeline", "FPDMPipelineOutput", "FolderSummary", "ImageFolder", "InputError", "InvalidValueError",
     "LatentDataset", "Loss", "MissingInputError", "ModelOutput", "NotWritableError", "OutputExistsError", "PRESETS",
     "RunFolder", "SampleOutput", "Schedule", "Shapes", "TrainConfig", "TrainState", "TrainSummary", "Trainer",

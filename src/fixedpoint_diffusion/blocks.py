@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from .errors import InvalidValueError
+
 __all__ = ["DiTBlock", "FinalLayer", "LabelEmbedder", "PatchEmbed", "TimestepEmbedder", "modulate",
            "sincos_pos_embed_2d"]
 
@@ -27,7 +29,7 @@ def sincos_pos_embed_2d(dim: int, grid: int) -> torch.Tensor:
     the second ``cos`` of ``pos / 10000^(2i/(dim/2))``. Tokens are ordered row-major.
     """
     if dim % 4:
-        raise ValueError(f"hidden size must be divisible by 4 for 2D sine-cosine positions, got {dim}")
+        raise InvalidValueError(f"hidden size must be divisible by 4 for 2D sine-cosine positions, got {dim}")
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))  # (D/4,)
     coords = torch.arange(grid, dtype=torch.float64)
     rows, cols = torch.meshgrid(coords, coords, indexing="ij")  # token (r, c) at index r * grid + c
@@ -97,7 +99,7 @@ class Attention(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int) -> None:
         super().__init__()
         if hidden_size % num_heads:
-            raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+            raise InvalidValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
         self.proj = nn.Linear(hidden_size, hidden_size)

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from .errors import InvalidValueError, MissingInputError
 from .models import FPDM, DiT, create_model
 
 __all__ = ["load_official_checkpoint"]
@@ -17,6 +18,9 @@ _FPDM_ARGS = {
     "fixed_point_pre_depth": "pre_depth",
     "fixed_point_post_depth": "post_depth",
     "fixed_point_pre_post_timestep_conditioning": "timestep_conditioned_explicit",
+}
+# Official training-script argument -> option of our stochastic-JFB backward (``FPDM(backward={...})``).
+_STOCHASTIC_JFB_ARGS = {
     "fixed_point_no_grad_min_iters": "min_no_grad",
     "fixed_point_no_grad_max_iters": "max_no_grad",
     "fixed_point_with_grad_min_iters": "min_with_grad",
@@ -43,18 +47,21 @@ def _config_from_args(args: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """Our preset name and constructor overrides from the official script's saved ``args``."""
     model = args.get("model")
     if not isinstance(model, str) or not model.startswith("DiT-"):
-        raise ValueError(f"checkpoint args: 'model' must name a DiT preset such as 'DiT-XL/2', got {model!r}")
+        raise InvalidValueError(f"checkpoint args: 'model' must name a DiT preset such as 'DiT-XL/2', got {model!r}")
     for unsupported in ("unsupervised", "dino_supervised", "flow"):
         if args.get(unsupported):
-            raise ValueError(f"checkpoint args: {unsupported}=True models are not supported")
+            raise InvalidValueError(f"checkpoint args: {unsupported}=True models are not supported")
     image_size = args.get("image_size", 256)
     if not isinstance(image_size, int) or image_size % 8:
-        raise ValueError(f"checkpoint args: image_size must be an int divisible by 8 (the VAE), got {image_size!r}")
+        raise InvalidValueError(f"checkpoint args: image_size must be an int divisible by 8 (the VAE), got {image_size!r}")
     overrides: dict[str, Any] = {"input_size": image_size // 8, "num_classes": args.get("num_classes", 1000),
                                  "learn_sigma": True}
     if args.get("fixed_point"):
         name = "FPDM-" + model[len("DiT-"):]
         overrides.update({ours: args[theirs] for theirs, ours in _FPDM_ARGS.items() if theirs in args})
+        overrides["backward"] = {"name": "stochastic_jfb",
+                                 **{ours: args[theirs] for theirs, ours in _STOCHASTIC_JFB_ARGS.items()
+                                    if theirs in args}}
     else:
         name = model
     return name, overrides
@@ -89,32 +96,32 @@ def load_official_checkpoint(path: str | os.PathLike, name: str | None = None, *
             state dict, or the weights do not fit the model.
     """
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"path: no checkpoint file at {os.fspath(path)!r}")
+        raise MissingInputError(f"path: no checkpoint file at {os.fspath(path)!r}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
-        raise ValueError(f"path: {os.fspath(path)!r} is not a checkpoint of tensors and plain values that "
+        raise InvalidValueError(f"path: {os.fspath(path)!r} is not a checkpoint of tensors and plain values that "
                          f"torch.load(weights_only=True) accepts ({str(err).splitlines()[0]})") from None
     config: dict[str, Any] = {}
     if isinstance(obj, dict) and "args" in obj and ("model" in obj or "ema" in obj):
         args = obj["args"]
         if not isinstance(args, dict):
-            raise ValueError(f"path: the checkpoint's 'args' must be a dict, got {type(args).__name__}")
+            raise InvalidValueError(f"path: the checkpoint's 'args' must be a dict, got {type(args).__name__}")
         derived, config = _config_from_args(args)
         name = name or derived
         key = "ema" if use_ema else "model"
         if key not in obj:
-            raise ValueError(f"path: the checkpoint has no {key!r} weights (use_ema={use_ema})")
+            raise InvalidValueError(f"path: the checkpoint has no {key!r} weights (use_ema={use_ema})")
         state = obj[key]
     elif _is_state_dict(obj):
         if name is None:
-            raise ValueError("name: a bare state dict does not say which model it is; pass name='DiT-XL/2' (etc.)")
+            raise InvalidValueError("name: a bare state dict does not say which model it is; pass name='DiT-XL/2' (etc.)")
         state = obj
     else:
-        raise ValueError(f"path: {os.fspath(path)!r} holds neither a training checkpoint (a dict with 'model', "
+        raise InvalidValueError(f"path: {os.fspath(path)!r} holds neither a training checkpoint (a dict with 'model', "
                          f"'ema' and 'args') nor a state dict of tensors")
     if not _is_state_dict(state):
-        raise ValueError("path: the checkpoint's weights are not a dict of tensors")
+        raise InvalidValueError("path: the checkpoint's weights are not a dict of tensors")
     model = create_model(name, **{**config, **overrides})
     state = _strip_prefixes(state)
     expected = model.state_dict()
@@ -122,7 +129,7 @@ def load_official_checkpoint(path: str | os.PathLike, name: str | None = None, *
     unexpected = sorted(set(state) - set(expected))
     wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
     if missing or unexpected or wrong:
-        raise ValueError(f"path: the weights do not fit {name} with {config or overrides}: "
+        raise InvalidValueError(f"path: the weights do not fit {name} with {config or overrides}: "
                          f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
                          f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}, "
                          f"wrong shape {wrong[:5]}{'...' if len(wrong) > 5 else ''}")

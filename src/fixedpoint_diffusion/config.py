@@ -20,8 +20,9 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
-from .errors import InvalidValueError
-from .models import FPDM, DiT
+from .diffusion import Diffusion
+from .errors import InvalidValueError, MissingInputError
+from .models import FPDM, DiT, convert_legacy_fpdm_config
 
 __all__ = ["Config", "ConfigError", "DataConfig", "DiffusionConfig", "TrainConfig", "list_configs", "load_config"]
 
@@ -32,7 +33,8 @@ class ConfigError(InvalidValueError):
 
 @dataclass
 class DiffusionConfig:
-    """Arguments of :class:`fixedpoint_diffusion.Diffusion` (``learn_sigma`` follows the model)."""
+    """The ``[diffusion]`` section: arguments of :class:`fixedpoint_diffusion.Diffusion` (``learn_sigma``
+    follows the model), which validates them (:meth:`build`)."""
 
     num_timesteps: int = 1000
     beta_start: float = 1e-4
@@ -40,6 +42,10 @@ class DiffusionConfig:
     zero_terminal_snr: bool = True
     prediction: str = "v"
     mean_loss: str = "mse"
+
+    def build(self, learn_sigma: bool = True) -> Diffusion:
+        """The :class:`~fixedpoint_diffusion.Diffusion` of these settings (``Diffusion.from_config``)."""
+        return Diffusion.from_config(dataclasses.asdict(self), learn_sigma=learn_sigma)
 
 
 @dataclass
@@ -153,6 +159,11 @@ class Config:
         if unknown:
             raise ConfigError(f"unknown config section(s) {unknown}; valid: ['data', 'diffusion', 'model', 'train']")
         model = dict(raw.get("model", {"name": "FPDM-S/2"}))
+        if str(model.get("name", "")).startswith("FPDM-"):  # files written with the old flat backward keys
+            try:
+                model = convert_legacy_fpdm_config(model)
+            except (TypeError, ValueError) as err:
+                raise ConfigError(f"model: {err}") from None
         sections = {}
         for name, section_cls in (("diffusion", DiffusionConfig), ("data", DataConfig), ("train", TrainConfig)):
             values = dict(raw.get(name, {}))
@@ -162,11 +173,11 @@ class Config:
     def validate(self) -> None:
         """Check values (not only keys): raises :class:`ConfigError` naming the offending key."""
         _check_model_section(self.model)
-        d, data, tr = self.diffusion, self.data, self.train
-        _require(d.prediction in ("v", "epsilon"), "diffusion.prediction", d.prediction, "'v' or 'epsilon'")
-        _require(d.mean_loss in ("mse", "official_x0_snr"), "diffusion.mean_loss", d.mean_loss,
-                 "'mse' or 'official_x0_snr'")
-        _require(d.num_timesteps >= 2, "diffusion.num_timesteps", d.num_timesteps, ">= 2")
+        data, tr = self.data, self.train
+        try:  # Diffusion's own checks, the one place they live
+            self.diffusion.build()
+        except ValueError as err:
+            raise ConfigError(f"diffusion: {err}") from None
         _require(data.kind in ("shapes", "images", "latents"), "data.kind", data.kind,
                  "'shapes', 'images' or 'latents'")
         if data.kind != "shapes":
@@ -219,6 +230,11 @@ def _check_model_section(model: dict[str, Any]) -> None:
     if unknown:
         raise ConfigError(f"unknown model.{unknown[0]} for {model['name']}; valid keys: ['name', "
                           f"{', '.join(repr(k) for k in sorted(allowed))}]")
+    if cls is FPDM:  # fixedpoint's own checks of solver/backward, before anything is built
+        try:
+            convert_legacy_fpdm_config(model)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"model: {err}") from None
 
 
 def _checked_section(section: str, cls: type, values: dict[str, Any]) -> dict[str, Any]:
@@ -257,14 +273,26 @@ def _parse_value(text: str) -> Any:
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``section.key=value`` strings to a raw config dict (a copy is returned)."""
+    """Apply ``section.key=value`` strings to a raw config dict (a copy is returned). A longer path such as
+    ``model.backward.max_no_grad=10`` sets one option of a table (a table given by name, ``backward =
+    "jfb"``, becomes ``{"name": "jfb", ...}``)."""
     out = {name: dict(section) for name, section in raw.items()}
     for item in overrides:
         key, sep, value = item.partition("=")
         section, dot, name = key.strip().partition(".")
         if not sep or not dot or not name:
             raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.max_steps=1000")
-        out.setdefault(section, {})[name] = _parse_value(value.strip())
+        target = out.setdefault(section, {})
+        *parents, leaf = name.split(".")
+        for part in parents:
+            inner = target.get(part, {})
+            if isinstance(inner, str):
+                inner = {"name": inner}
+            if not isinstance(inner, dict):
+                raise ConfigError(f"override {item!r}: {section}.{part} is {inner!r}, not a table")
+            target[part] = dict(inner)
+            target = target[part]
+        target[leaf] = _parse_value(value.strip())
     return out
 
 
@@ -292,7 +320,7 @@ def load_config(source: str | Path | dict[str, Any], overrides: list[str] | tupl
         else:
             path = Path(text)
             if not path.is_file():
-                raise FileNotFoundError(f"config {text!r} is neither a shipped config ({', '.join(list_configs())}) "
+                raise MissingInputError(f"config {text!r} is neither a shipped config ({', '.join(list_configs())}) "
                                         f"nor a TOML file")
             try:
                 raw = tomllib.loads(path.read_text())

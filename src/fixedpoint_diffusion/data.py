@@ -251,7 +251,6 @@ def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-@torch.no_grad()
 def check_vae_folder(vae: str | os.PathLike, subfolder: str | None = None, *, what: str = "vae") -> None:
     """Refuse (naming ``what``) a folder that holds no diffusers config at ``subfolder``, before anything loads."""
     config_file = Path(vae) / (subfolder or "") / "config.json"
@@ -280,6 +279,7 @@ def load_vae(vae: str | os.PathLike, *, subfolder: str | None = None, device: st
     return model.to(device).eval()
 
 
+@torch.no_grad()
 def extract_latents(images: str | os.PathLike, vae: str | os.PathLike, out: str | os.PathLike, *,
                     image_size: int = 256, batch_size: int = 32, flip: bool = False, posterior: str = "sample",
                     seed: int = 0, dtype: str = "float32", device: str | torch.device | None = None,

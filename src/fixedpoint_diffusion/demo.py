@@ -360,8 +360,8 @@ def _train_part(out: Path, settings: DemoSettings, scorer, device, progress, clo
         def hook(trainer, state) -> None:
             if state.step in marks:
                 result = sample(trainer.ema, labels, diffusion=trainer.diffusion, budget=snapshot_budget,
-                                iters_per_step=2 if name == "FPDM" else None, sampler="ddim", seed=settings.seed,
-                                device=trainer.device)
+                                iterations_per_timestep=2 if name == "FPDM" else None, sampler="ddim",
+                                seed=settings.seed, device=trainer.device)
                 _save_png(_grid(to_uint8(result.samples)), out / "grids" / f"train-{name}-{state.step:06d}.png")
 
         return hook

@@ -8,13 +8,17 @@ frozen (detached) mean. Tables are float64 on the CPU and gathered per timestep.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
+from diffusers import ConfigMixin
+from diffusers.configuration_utils import register_to_config
 
+from .errors import InvalidValueError
 from .models import ModelOutput
 
 __all__ = ["Diffusion", "Loss", "discretized_gaussian_log_likelihood", "normal_kl"]
@@ -61,8 +65,12 @@ def _mean_flat(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(1).mean(1)
 
 
-class Diffusion:
+class Diffusion(ConfigMixin):
     """Schedule tables and the training loss of a Gaussian diffusion.
+
+    The arguments are its diffusers config (:attr:`config`): ``save_config(folder)`` writes ``diffusion.json``
+    and ``Diffusion.from_config(Diffusion.load_config(folder))`` reads it back (a run's ``ema/diffusion.json``
+    included); a key it does not take raises ``ValueError`` instead of being dropped.
 
     Args:
         num_timesteps: training timesteps ``T``.
@@ -79,19 +87,22 @@ class Diffusion:
         ValueError: on an invalid argument or combination.
     """
 
+    config_name = "diffusion.json"
+
+    @register_to_config
     def __init__(self, num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02, *,
                  zero_terminal_snr: bool = True, prediction: Literal["v", "epsilon"] = "v", learn_sigma: bool = True,
                  mean_loss: Literal["mse", "official_x0_snr"] = "mse") -> None:
         if not (isinstance(num_timesteps, int) and num_timesteps >= 2):
-            raise ValueError(f"num_timesteps must be an int >= 2, got {num_timesteps!r}")
+            raise InvalidValueError(f"num_timesteps must be an int >= 2, got {num_timesteps!r}")
         if not (0 < beta_start < beta_end < 1):
-            raise ValueError(f"need 0 < beta_start < beta_end < 1, got beta_start={beta_start}, beta_end={beta_end}")
+            raise InvalidValueError(f"need 0 < beta_start < beta_end < 1, got beta_start={beta_start}, beta_end={beta_end}")
         if prediction not in ("v", "epsilon"):
-            raise ValueError(f"prediction must be one of ['epsilon', 'v'], got {prediction!r}")
+            raise InvalidValueError(f"prediction must be one of ['epsilon', 'v'], got {prediction!r}")
         if mean_loss not in ("mse", "official_x0_snr"):
-            raise ValueError(f"mean_loss must be one of ['mse', 'official_x0_snr'], got {mean_loss!r}")
+            raise InvalidValueError(f"mean_loss must be one of ['mse', 'official_x0_snr'], got {mean_loss!r}")
         if zero_terminal_snr and prediction == "epsilon":
-            raise ValueError("zero_terminal_snr=True needs prediction='v': at zero SNR, x_t carries no signal and an "
+            raise InvalidValueError("zero_terminal_snr=True needs prediction='v': at zero SNR, x_t carries no signal and an "
                              "epsilon prediction cannot recover x0")
         self.num_timesteps = num_timesteps
         self.beta_start, self.beta_end, self.zero_terminal_snr = beta_start, beta_end, zero_terminal_snr
@@ -114,10 +125,20 @@ class Diffusion:
         self.posterior_mean_coef1 = betas * torch.sqrt(a_prev) / (1.0 - a)
         self.posterior_mean_coef2 = (1.0 - a_prev) * torch.sqrt(alphas) / (1.0 - a)
 
+    @classmethod
+    def extract_init_dict(cls, config_dict: dict[str, Any], **kwargs: Any):
+        """diffusers' loader hook, stricter: a key that is not an argument (``_``-prefixed metadata aside) is an
+        error, not a logged warning, so that a setting is never silently dropped."""
+        allowed = set(inspect.signature(cls.__init__).parameters) - {"self"}
+        unknown = sorted(k for k in {**config_dict, **kwargs} if not k.startswith("_") and k not in allowed)
+        if unknown:
+            raise InvalidValueError(f"Diffusion: unknown setting(s) {unknown}; valid ones are {sorted(allowed)}")
+        return super().extract_init_dict(config_dict, **kwargs)
+
     def to(self, device: torch.device | str) -> Diffusion:
         """Move the schedule tables to ``device`` (in place; returns ``self``), so that training steps on a GPU
         do not copy them from the host on every call."""
-        for name, value in vars(self).items():
+        for name, value in list(vars(self).items()):
             if isinstance(value, torch.Tensor):
                 setattr(self, name, value.to(device))
         return self
@@ -200,21 +221,21 @@ class Diffusion:
             ValueError: on a bad ``class_dropout`` or a ``t``/``eps`` of the wrong shape.
         """
         if not 0.0 <= class_dropout < 1.0:
-            raise ValueError(f"class_dropout must be in [0, 1), got {class_dropout!r}")
+            raise InvalidValueError(f"class_dropout must be in [0, 1), got {class_dropout!r}")
         batch, device = x0.shape[0], x0.device
         draw_device = generator.device if generator is not None else device
         if t is None:
             t = torch.randint(0, self.num_timesteps, (batch,), generator=generator, device=draw_device).to(device)
         elif t.shape != (batch,):
-            raise ValueError(f"t must have shape ({batch},), got {tuple(t.shape)}")
+            raise InvalidValueError(f"t must have shape ({batch},), got {tuple(t.shape)}")
         if eps is None:
             eps = torch.randn(x0.shape, generator=generator, device=draw_device, dtype=x0.dtype).to(device)
         elif eps.shape != x0.shape:
-            raise ValueError(f"eps must have the shape of x0 {tuple(x0.shape)}, got {tuple(eps.shape)}")
+            raise InvalidValueError(f"eps must have the shape of x0 {tuple(x0.shape)}, got {tuple(eps.shape)}")
         drop = drop_labels
         if drop is not None:
             if drop.shape != (batch,) or drop.dtype != torch.bool:
-                raise ValueError(f"drop_labels must be a bool tensor of shape ({batch},), got "
+                raise InvalidValueError(f"drop_labels must be a bool tensor of shape ({batch},), got "
                                  f"{drop.dtype} {tuple(drop.shape)}")
         elif class_dropout > 0:
             drop = (torch.rand(batch, generator=generator, device=draw_device) < class_dropout).to(device)
@@ -223,7 +244,7 @@ class Diffusion:
         channels = x0.shape[1]
         if self.learn_sigma:
             if output.out.shape[1] != 2 * channels:
-                raise ValueError(f"learn_sigma needs a model with {2 * channels} output channels, got "
+                raise InvalidValueError(f"learn_sigma needs a model with {2 * channels} output channels, got "
                                  f"{output.out.shape[1]}")
             pred, var_values = output.out[:, :channels], output.out[:, channels:]
         else:

@@ -25,10 +25,11 @@ from tqdm.auto import tqdm
 
 from ._files import write_atomic, write_json_atomic
 from ._runtime import check_writable_folder, init_distributed, seed_from, world_size
+from .budget import Schedule
 from .diffusion import Diffusion
 from .errors import InvalidValueError, OutputExistsError
 from .pipeline import decode_latents, image_grid, to_uint8
-from .sampling import Schedule, batches_for_rank, plot_residuals, sample
+from .sampling import batches_for_rank, plot_residuals, sample
 
 __all__ = ["FolderSummary", "check_output_folder", "sample_labels", "sample_to_folder"]
 

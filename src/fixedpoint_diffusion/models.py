@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,8 +20,9 @@ from torch import nn
 import fixedpoint as fp
 
 from .blocks import DiTBlock, FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d
+from .errors import InvalidValueError
 
-__all__ = ["FPDM", "PRESETS", "Cost", "DiT", "ModelOutput", "create_model"]
+__all__ = ["FPDM", "PRESETS", "Cost", "DiT", "ModelOutput", "convert_legacy_fpdm_config", "create_model"]
 
 # name -> (depth, hidden_size, num_heads), as in the DiT paper; the patch size comes from the name's suffix.
 PRESETS: dict[str, tuple[int, int, int]] = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16),
@@ -66,7 +68,12 @@ class ModelOutput:
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
     if not (isinstance(value, int) and not isinstance(value, bool) and value >= minimum):
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+        raise InvalidValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def _check_tol(name: str, value: Any) -> None:
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0):
+        raise InvalidValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
 def _block_macs(tokens: int, dim: int, mlp_ratio: float) -> int:
@@ -107,17 +114,17 @@ class _Transformer(ModelMixin, ConfigMixin):
                             ("hidden_size", hidden_size), ("num_classes", num_classes), ("num_heads", num_heads)):
             _check_int(name, value, 1)
         if not isinstance(learn_sigma, bool):
-            raise ValueError(f"learn_sigma must be a bool, got {learn_sigma!r}")
+            raise InvalidValueError(f"learn_sigma must be a bool, got {learn_sigma!r}")
         if not (isinstance(mlp_ratio, (int, float)) and not isinstance(mlp_ratio, bool) and math.isfinite(mlp_ratio)
                 and mlp_ratio > 0):
-            raise ValueError(f"mlp_ratio must be a finite number > 0, got {mlp_ratio!r}")
+            raise InvalidValueError(f"mlp_ratio must be a finite number > 0, got {mlp_ratio!r}")
         if hidden_size % num_heads:
-            raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+            raise InvalidValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
         if hidden_size % 4:
-            raise ValueError(f"hidden_size must be a multiple of 4 (the 2-D sin-cos position embedding), got "
+            raise InvalidValueError(f"hidden_size must be a multiple of 4 (the 2-D sin-cos position embedding), got "
                              f"{hidden_size}")
         if input_size % patch_size:
-            raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
+            raise InvalidValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
@@ -152,20 +159,20 @@ class _Transformer(ModelMixin, ConfigMixin):
         expected = (cfg.in_channels, cfg.input_size, cfg.input_size)
         if not isinstance(x_t, torch.Tensor) or x_t.dim() != 4 or tuple(x_t.shape[1:]) != expected:
             got = tuple(x_t.shape) if isinstance(x_t, torch.Tensor) else type(x_t).__name__
-            raise ValueError(f"x_t must have shape (B, {', '.join(map(str, expected))}), got {got}")
+            raise InvalidValueError(f"x_t must have shape (B, {', '.join(map(str, expected))}), got {got}")
         if not x_t.is_floating_point():
-            raise ValueError(f"x_t must be floating point, got {x_t.dtype}")
+            raise InvalidValueError(f"x_t must be floating point, got {x_t.dtype}")
         batch = x_t.shape[0]
         for name, value, kind in (("t", t, "integer timesteps"), ("y", y, "integer class indices")):
             if not isinstance(value, torch.Tensor) or value.shape != (batch,):
                 got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-                raise ValueError(f"{name} must be a tensor of shape ({batch},), got {got}")
+                raise InvalidValueError(f"{name} must be a tensor of shape ({batch},), got {got}")
             if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
-                raise ValueError(f"{name} must hold {kind}, got dtype {value.dtype}")
+                raise InvalidValueError(f"{name} must hold {kind}, got dtype {value.dtype}")
         # One host sync per forward: an out-of-range index would otherwise be a device-side assert on CUDA.
         bad = (t < 0).any() | (y < 0).any() | (y > cfg.num_classes).any()
         if bool(bad):
-            raise ValueError(f"t must be >= 0 and y in [0, {cfg.num_classes}] ({cfg.num_classes} is the null class "
+            raise InvalidValueError(f"t must be >= 0 and y in [0, {cfg.num_classes}] ({cfg.num_classes} is the null class "
                              f"for guidance); got t in [{int(t.min())}, {int(t.max())}], y in "
                              f"[{int(y.min())}, {int(y.max())}]")
 
@@ -201,6 +208,10 @@ class DiT(_Transformer):
         learn_sigma: also predict the variance interpolation (output channels doubled).
     """
 
+    #: The sampler's switch (see :class:`fixedpoint_diffusion.sampling.Denoiser`): no fixed point, no
+    #: ``num_iterations``.
+    is_fixed_point = False
+
     @register_to_config
     def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 4, hidden_size: int = 1152,
                  depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0, num_classes: int = 1000,
@@ -229,6 +240,11 @@ class DiT(_Transformer):
             self.num_tokens, cfg.hidden_size, cfg.mlp_ratio)
         return ModelOutput(out=out, cost=Cost(block_passes=cfg.depth, macs=macs))
 
+    @property
+    def explicit_passes(self) -> int:
+        """Block passes of one forward: ``depth``."""
+        return self.config.depth
+
     def training_macs(self, batch: int) -> float:
         """Multiply-accumulates of one training step on ``batch`` samples, counted as 3x the forward (the
         backward costs about two forwards): the unit in which :mod:`fixedpoint_diffusion.experiment` gives FPDM
@@ -239,7 +255,76 @@ class DiT(_Transformer):
         return 3.0 * forward
 
 
-_BACKWARDS = ("stochastic_jfb", "jfb", "implicit")
+# --- fixedpoint options as JSON-able dicts -------------------------------------------------------------------
+# FPDM stores its solver and backward mode as fixedpoint's own config dicts (fp.to_config / fp.from_config), so
+# fixedpoint validates them and a new option or mode needs no change here.
+
+# FPDM's "stochastic_jfb" without ranges: the official code's 0-10 no-grad and 1-12 with-grad steps.
+_STOCHASTIC_JFB_DEFAULTS = {"max_no_grad": 10, "max_with_grad": 12}
+
+
+def _option_to_config(option: fp.Solver | fp.Backward, what: str) -> dict[str, Any]:
+    """``fp.to_config`` of a solver or backward object, fields left at ``None`` (a stochastic JFB's generator,
+    say) omitted, with FPDM's hint for what cannot be stored."""
+    try:
+        return {k: v for k, v in fp.to_config(option).items() if v is not None}
+    except TypeError as err:
+        hint = " (pass a generator to forward instead)" if getattr(option, "generator", None) is not None else ""
+        raise InvalidValueError(f"{what}: {err}{hint}") from None
+
+
+def _option_from_config(spec: Any, what: str) -> Any:
+    """A solver/backward object from a name, a ``{"name": ..., **options}`` dict or the object itself, validated
+    by fixedpoint's constructors (unknown options raise)."""
+    base, table = (fp.Solver, fp.SOLVERS) if what == "solver" else (fp.Backward, fp.BACKWARDS)
+    if isinstance(spec, base):
+        return spec
+    if isinstance(spec, str):
+        spec = {"name": spec}
+    if not isinstance(spec, Mapping):
+        raise TypeError(f"{what} must be one of {sorted(table)} (a name, a dict with 'name', or that object), "
+                        f"got {type(spec).__name__}")
+    if spec.get("name") not in table:
+        raise InvalidValueError(f"{what} must be one of {sorted(table)}, got {spec.get('name')!r}")
+    if spec["name"] == "stochastic_jfb":
+        spec = {**_STOCHASTIC_JFB_DEFAULTS, **spec}
+    return fp.from_config(spec)
+
+
+# Flat keys of FPDM configs written before the solver/backward options became dicts.
+_LEGACY_SJFB_KEYS = ("min_no_grad", "max_no_grad", "min_with_grad", "max_with_grad")
+_LEGACY_KEYS = (*_LEGACY_SJFB_KEYS, "jfb_steps")
+
+
+def convert_legacy_fpdm_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """An FPDM config (``config.json``, a checkpoint's model signature, a ``[model]`` section) in today's form:
+    the flat torchdeq-style keys of older versions (``backward="stochastic_jfb", min_no_grad=...,
+    jfb_steps=...``) folded into the ``backward`` dict, and ``solver``/``backward`` given by name written out
+    as the dicts :class:`FPDM` stores. Other keys are kept as they are (in a new dict).
+
+    Raises:
+        ValueError, TypeError: flat keys next to a ``backward`` that is already a dict or an object, or an
+            invalid solver/backward.
+    """
+    out = dict(config)
+    legacy = {key: out.pop(key) for key in _LEGACY_KEYS if key in out}
+    backward = out.get("backward", "stochastic_jfb")
+    if not legacy:
+        pass
+    elif backward == "stochastic_jfb":
+        out["backward"] = {"name": backward, **{k: legacy[k] for k in _LEGACY_SJFB_KEYS if k in legacy}}
+    elif backward == "jfb":
+        out["backward"] = {"name": backward, "steps": legacy.get("jfb_steps", 1)}
+    elif isinstance(backward, str):
+        out["backward"] = {"name": backward}  # the old ranges and steps did not apply to it
+    else:
+        raise InvalidValueError(f"{sorted(legacy)} are the old flat backward options; give them inside backward "
+                         f"(e.g. backward={{'name': 'stochastic_jfb', 'max_no_grad': 10, ...}}), not next to "
+                         f"backward={backward!r}")
+    for key in ("solver", "backward"):
+        if key in out:
+            out[key] = _option_to_config(_option_from_config(out[key], key), key)
+    return out
 
 
 class FPDM(_Transformer):
@@ -253,39 +338,50 @@ class FPDM(_Transformer):
     "timestep-independent" layers). The ``x_inj`` half of the MLP's first layer is computed once per forward.
 
     Training uses the configured backward mode (by default the paper's stochastic JFB, Algorithm 1, with the
-    official code's ranges: 0-10 no-grad and 1-12 with-grad steps); set :attr:`generator` to a seeded CPU
-    generator so that all DDP ranks draw alike.
+    official code's ranges: 0-10 no-grad and 1-12 with-grad steps); pass a seeded CPU generator to
+    :meth:`forward` so that all DDP ranks draw alike.
 
     Args:
         input_size, patch_size, in_channels, hidden_size, num_heads, mlp_ratio, num_classes, learn_sigma: as in
             :class:`DiT`.
         pre_depth, post_depth: explicit blocks before and after the fixed point.
         timestep_conditioned_explicit: condition the explicit layers on the timestep too.
-        solver: ``"iteration"``, ``"anderson"`` or ``"broyden"``.
-        backward: ``"stochastic_jfb"``, ``"jfb"`` or ``"implicit"``.
-        min_no_grad, max_no_grad, min_with_grad, max_with_grad: stochastic JFB ranges.
-        jfb_steps: with-grad steps for ``"jfb"``.
-        max_steps, rtol, atol: forward solve options when ``num_steps`` is not given per call.
+        solver: the forward solver: a name (``"iteration"``, ``"anderson"``, ``"broyden"``), a dict with its
+            options (``{"name": "anderson", "memory": 3}``) or a :class:`fixedpoint.Solver`.
+        backward: the training backward mode: a name (``"stochastic_jfb"``, ``"jfb"``, ``"implicit"``), a dict
+            (``{"name": "stochastic_jfb", "max_no_grad": 10, "max_with_grad": 12}``; a ``"stochastic_jfb"``
+            without ranges gets the official code's 0-10 and 1-12) or a :class:`fixedpoint.Backward` without a
+            generator. Both are validated by fixedpoint here and stored in :attr:`config` as dicts, so
+            ``save_pretrained``/``from_pretrained`` round-trip them.
+        max_steps, rtol, atol: forward solve options (as in :func:`fixedpoint.solve`) when ``num_iterations``
+            is not given per call.
+
+    Raises:
+        ValueError, TypeError: on an invalid argument, naming it.
     """
+
+    #: The sampler's switch (see :class:`fixedpoint_diffusion.sampling.Denoiser`): forward takes
+    #: ``num_iterations``/``z0``/``rtol``/``atol``/``max_steps`` and returns ``z`` and ``residual``.
+    is_fixed_point = True
 
     @register_to_config
     def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 4, hidden_size: int = 1152,
                  num_heads: int = 16, mlp_ratio: float = 4.0, num_classes: int = 1000, learn_sigma: bool = True,
                  pre_depth: int = 1, post_depth: int = 1, timestep_conditioned_explicit: bool = False,
-                 solver: str = "iteration", backward: str = "stochastic_jfb", min_no_grad: int = 0, max_no_grad: int = 10,
-                 min_with_grad: int = 1, max_with_grad: int = 12, jfb_steps: int = 1, max_steps: int = 12,
+                 solver: str | Mapping[str, Any] | fp.Solver = "iteration",
+                 backward: str | Mapping[str, Any] | fp.Backward = "stochastic_jfb", max_steps: int = 12,
                  rtol: float = 0.0, atol: float = 0.0) -> None:
         super().__init__()
-        if backward not in _BACKWARDS:
-            raise ValueError(f"backward must be one of {list(_BACKWARDS)}, got {backward!r}")
         for name, value in (("pre_depth", pre_depth), ("post_depth", post_depth)):
             _check_int(name, value, 0)
-        if not (isinstance(max_steps, int) and not isinstance(max_steps, bool) and max_steps >= 1):
-            raise ValueError(f"max_steps must be an int >= 1, got {max_steps!r}")
+        _check_int("max_steps", max_steps, 1)  # fixedpoint.solve's rules: ints reject bool, finite tolerances >= 0
         for name, value in (("rtol", rtol), ("atol", atol)):
-            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-                    and value >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+            _check_tol(name, value)
+        # Resolved and validated once by fixedpoint; the config keeps the JSON-able dicts.
+        self.solver: fp.Solver = _option_from_config(solver, "solver")
+        self.backward_mode: fp.Backward = _option_from_config(backward, "backward")
+        self.register_to_config(solver=_option_to_config(self.solver, "solver"),
+                                backward=_option_to_config(self.backward_mode, "backward"))
         self._build_shared(input_size, patch_size, in_channels, hidden_size, num_classes, learn_sigma, num_heads,
                            mlp_ratio)
         self.blocks_pre = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(pre_depth))
@@ -295,19 +391,12 @@ class FPDM(_Transformer):
         self.block_fixed_point = DiTBlock(hidden_size, num_heads, mlp_ratio)
         self.blocks_post = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(post_depth))
         self._init_weights([*self.blocks_pre, self.block_fixed_point, *self.blocks_post])
-        # Resolved once; the config keeps the JSON-able names. Only fixedpoint's public names are used here.
-        if solver not in fp.SOLVERS:
-            raise ValueError(f"solver must be one of {sorted(fp.SOLVERS)}, got {solver!r}")
-        self.solver = fp.SOLVERS[solver]()
-        if backward == "stochastic_jfb":
-            self.backward_mode: fp.Backward = fp.StochasticJFB(
-                min_no_grad=min_no_grad, max_no_grad=max_no_grad, min_with_grad=min_with_grad,
-                max_with_grad=max_with_grad)
-        elif backward == "jfb":
-            self.backward_mode = fp.JFB(steps=jfb_steps)
-        else:
-            self.backward_mode = fp.Implicit()
-        self.generator: torch.Generator | None = None
+
+    @classmethod
+    def extract_init_dict(cls, config_dict: dict[str, Any], **kwargs: Any):
+        """diffusers' loader hook (``from_config``/``from_pretrained``): configs saved by older versions, with
+        flat backward keys, are converted first (:func:`convert_legacy_fpdm_config`)."""
+        return super().extract_init_dict(convert_legacy_fpdm_config(config_dict), **kwargs)
 
     def fixed_point_map(self, x_inj: torch.Tensor, c: torch.Tensor):
         """The map ``z -> block(MLP([z, x_inj]), c)`` for one forward, with the ``x_inj`` half of the MLP's first
@@ -322,14 +411,15 @@ class FPDM(_Transformer):
 
         return f
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *, num_steps: int | None = None,
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *, num_iterations: int | None = None,
                 z0: torch.Tensor | None = None, trace: bool = False, drop_labels: torch.Tensor | None = None,
-                solver: fp.Solver | str | None = None, backward: fp.Backward | str | None = None,
-                rtol: float | None = None, atol: float | None = None, max_steps: int | None = None) -> ModelOutput:
+                solver: fp.Solver | str | None = None, backward: fp.Backward | str | Mapping[str, Any] | None = None,
+                rtol: float | None = None, atol: float | None = None, max_steps: int | None = None,
+                generator: torch.Generator | None = None) -> ModelOutput:
         """Predict from ``x_t`` (B, C, H, W) at integer timesteps ``t`` (B,) for classes ``y`` (B,).
 
         Args:
-            num_steps: exactly this many applications of the fixed-point map, no convergence checks and no
+            num_iterations: exactly this many applications of the fixed-point map, no convergence checks and no
                 gradient through the solve (the sampling mode). ``None`` uses the configured solve while
                 training (the backward mode decides the steps) and ``max_steps``/``rtol``/``atol`` otherwise.
             z0: initial fixed-point state (B, T, D), e.g. the previous timestep's ``ModelOutput.z``; default
@@ -338,6 +428,8 @@ class FPDM(_Transformer):
             drop_labels: (B,) bool, labels replaced by the null class.
             solver, backward, rtol, atol, max_steps: per-call overrides of the configured options (e.g. an
                 adaptive sampler stops each solve at ``rtol`` within a per-timestep ``max_steps``).
+            generator: a CPU generator for this call's stochastic-JFB draws (used when the backward mode has
+                none); seed it alike on every DDP rank so that all ranks draw the same step counts.
         """
         self._check_inputs(x_t, t, y)
         cfg = self.config
@@ -352,19 +444,19 @@ class FPDM(_Transformer):
         if z0 is None:
             z0 = h
         elif z0.shape != h.shape:
-            raise ValueError(f"z0 must have shape {tuple(h.shape)} (B, tokens, hidden), got {tuple(z0.shape)}")
+            raise InvalidValueError(f"z0 must have shape {tuple(h.shape)} (B, tokens, hidden), got {tuple(z0.shape)}")
         solver = self.solver if solver is None else solver
-        if num_steps is not None and not (isinstance(num_steps, int) and not isinstance(num_steps, bool)
-                                          and num_steps >= 1):
-            raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
-        mode = self.backward_mode if backward is None else backward
-        if isinstance(mode, fp.StochasticJFB) and self.generator is not None and mode.generator is None:
-            mode = dataclasses.replace(mode, generator=self.generator)
+        if num_iterations is not None:
+            _check_int("num_iterations", num_iterations, 1)
+        mode = self.backward_mode if backward is None else _option_from_config(backward, "backward")
+        if isinstance(mode, fp.StochasticJFB) and generator is not None and mode.generator is None:
+            mode = dataclasses.replace(mode, generator=generator)
         # One forward pass: a spectral norm or variational dropout a user puts in the fixed-point block draws its
         # power step / mask once, and every iteration sees the same map (as in fixedpoint.DEQ).
         with fp.pass_scope(self):
-            if num_steps is not None:
-                sol = fp.solve(f, z0.detach(), solver=solver, max_steps=num_steps, rtol=0.0, atol=0.0, trace=trace)
+            if num_iterations is not None:
+                sol = fp.solve(f, z0.detach(), solver=solver, max_steps=num_iterations, rtol=0.0, atol=0.0,
+                               trace=trace)
             else:
                 sol = fp.solve(f, z0.detach(), solver=solver, backward=mode if torch.is_grad_enabled() else None,
                                max_steps=cfg.max_steps if max_steps is None else max_steps,
@@ -376,6 +468,11 @@ class FPDM(_Transformer):
         out = self._unpatchify(self.final_layer(h, c_explicit))  # (B, C_out, H, W)
         return ModelOutput(out=out, cost=self._cost(batch, sol.num_steps), z=sol.z, residual=sol.residual,
                            trace=sol.trace, solution=sol)
+
+    @property
+    def explicit_passes(self) -> int:
+        """Block passes of one forward outside the fixed point: ``pre_depth + post_depth``."""
+        return self.config.pre_depth + self.config.post_depth
 
     def training_macs(self, batch: int) -> float:
         """Expected multiply-accumulates of one training step on ``batch`` samples.
@@ -400,15 +497,15 @@ class FPDM(_Transformer):
             no_grad, with_grad = 0, cfg.max_steps
         return 3.0 * explicit + per_step * (no_grad + 3.0 * with_grad)
 
-    def _cost(self, batch: int, num_steps: int) -> Cost:
+    def _cost(self, batch: int, num_iterations: int) -> Cost:
         cfg = self.config
         tokens, dim = self.num_tokens, cfg.hidden_size
         block = _block_macs(tokens, dim, cfg.mlp_ratio)
         once = tokens * dim * dim + tokens * dim * 2 * dim  # pre-projection, hoisted x_inj half of fc1
         per_step = block + tokens * dim * 2 * dim + tokens * 2 * dim * dim  # block, z half of fc1, fc2
         explicit = (cfg.pre_depth + cfg.post_depth) * block
-        macs = self._shared_macs(batch) + batch * (explicit + once + num_steps * per_step)
-        return Cost(block_passes=cfg.pre_depth + num_steps + cfg.post_depth, macs=macs)
+        macs = self._shared_macs(batch) + batch * (explicit + once + num_iterations * per_step)
+        return Cost(block_passes=cfg.pre_depth + num_iterations + cfg.post_depth, macs=macs)
 
 
 def create_model(name: str, **overrides: Any) -> DiT | FPDM:
@@ -423,7 +520,7 @@ def create_model(name: str, **overrides: Any) -> DiT | FPDM:
     """
     valid = [f"{kind}-{size}/{p}" for kind in ("DiT", "FPDM") for size in PRESETS for p in (2, 4, 8)]
     if name not in valid:
-        raise ValueError(f"name must be one of {valid}, got {name!r}")
+        raise InvalidValueError(f"name must be one of {valid}, got {name!r}")
     kind, rest = name.split("-", 1)
     size, patch = rest.split("/")
     depth, hidden, heads = PRESETS[size]
@@ -434,6 +531,6 @@ def create_model(name: str, **overrides: Any) -> DiT | FPDM:
     allowed = set(inspect.signature(cls.__init__).parameters) - {"self"}
     unknown = sorted(set(overrides) - allowed)
     if unknown:
-        raise ValueError(f"{name}: unknown override(s) {unknown}; valid ones are {sorted(allowed)}")
+        raise InvalidValueError(f"{name}: unknown override(s) {unknown}; valid ones are {sorted(allowed)}")
     kwargs.update(overrides)
     return cls(**kwargs)

@@ -12,21 +12,26 @@ import torch
 from diffusers import DiffusionPipeline
 
 from .diffusion import Diffusion
+from .errors import InvalidValueError
 from .sampling import SampleOutput, fill_schedule_defaults, sample, scheduler_from_diffusion
 
 __all__ = ["FPDMPipeline", "FPDMPipelineOutput", "diffusion_from_scheduler", "scheduler_from_diffusion"]
 
 
 def diffusion_from_scheduler(scheduler: Any) -> Diffusion:
-    """Our float64 :class:`Diffusion` tables from a diffusers scheduler's config."""
+    """Our float64 :class:`Diffusion` tables from a diffusers scheduler's config: the inverse of
+    :func:`~fixedpoint_diffusion.sampling.scheduler_from_diffusion` (``learn_sigma`` from a learned-range
+    variance; ``mean_loss``, a training option, stays the default)."""
     cfg = scheduler.config
     if cfg.beta_schedule != "linear":
-        raise ValueError(f"only the linear beta schedule is supported, got {cfg.beta_schedule!r}")
+        raise InvalidValueError(f"only the linear beta schedule is supported, got {cfg.beta_schedule!r}")
     prediction = {"v_prediction": "v", "epsilon": "epsilon"}.get(cfg.prediction_type)
     if prediction is None:
-        raise ValueError(f"prediction_type must be 'v_prediction' or 'epsilon', got {cfg.prediction_type!r}")
-    return Diffusion(cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end,
-                     zero_terminal_snr=bool(cfg.get("rescale_betas_zero_snr", False)), prediction=prediction)
+        raise InvalidValueError(f"prediction_type must be 'v_prediction' or 'epsilon', got {cfg.prediction_type!r}")
+    return Diffusion.from_config({"num_timesteps": cfg.num_train_timesteps, "beta_start": cfg.beta_start,
+                                  "beta_end": cfg.beta_end, "prediction": prediction,
+                                  "zero_terminal_snr": bool(cfg.get("rescale_betas_zero_snr", False)),
+                                  "learn_sigma": cfg.variance_type == "learned_range"})
 
 
 @dataclass
@@ -53,9 +58,9 @@ def image_grid(images: np.ndarray, columns: int | None = None, scale: int = 1) -
     """
     n, h, w = images.shape[:3]
     if n == 0:
-        raise ValueError("images is empty")
+        raise InvalidValueError("images is empty")
     if not (isinstance(scale, int) and scale >= 1):
-        raise ValueError(f"scale must be an int >= 1, got {scale!r}")
+        raise InvalidValueError(f"scale must be an int >= 1, got {scale!r}")
     columns = columns or int(np.ceil(np.sqrt(n)))
     rows = -(-n // columns)
     grid = np.zeros((rows * h, columns * w, 3), dtype=np.uint8)
@@ -83,7 +88,7 @@ class FPDMPipeline(DiffusionPipeline):
     Example::
 
         pipe = FPDMPipeline(transformer=model, scheduler=scheduler_from_diffusion(fd.Diffusion()), vae=vae)
-        out = pipe([207, 360], budget=280, iters_per_step=8, guidance_scale=4.0, seed=0)
+        out = pipe([207, 360], budget=280, iterations_per_timestep=8, guidance_scale=4.0, seed=0)
         out.images[0].save("dog.png"); print(out.result.block_passes)
     """
 
@@ -105,7 +110,7 @@ class FPDMPipeline(DiffusionPipeline):
         unknown = [n for n in names if n not in self.labels]
         if unknown:
             known = ", ".join(sorted(self.labels)) or "none: pass id2label= when building the pipeline"
-            raise ValueError(f"FPDMPipeline.get_label_ids: unknown label(s) {unknown}; known: {known}")
+            raise InvalidValueError(f"FPDMPipeline.get_label_ids: unknown label(s) {unknown}; known: {known}")
         return [self.labels[n] for n in names]
 
     def decode(self, samples: torch.Tensor) -> torch.Tensor:
@@ -116,22 +121,22 @@ class FPDMPipeline(DiffusionPipeline):
     def __call__(self, class_labels: Sequence[int] | torch.Tensor | None = None, *,
                  num_inference_steps: int | None = None, guidance_scale: float = 1.0,
                  generator: torch.Generator | None = None, output_type: str = "pil", return_dict: bool = True,
-                 num_samples: int | None = None, budget: int | None = None, iters_per_step: int | None = None,
-                 seed: int | None = None, **sampling: Any) -> FPDMPipelineOutput | tuple:
+                 num_samples: int | None = None, budget: int | None = None,
+                 iterations_per_timestep: int | None = None, seed: int | None = None, **sampling: Any) -> FPDMPipelineOutput | tuple:
         """Sample and decode, with diffusers' argument names.
 
         Args:
             class_labels: class indices (see :meth:`get_label_ids`), or ``None`` with ``num_samples`` for an
                 unconditional model.
             num_inference_steps: timesteps. With neither this nor ``budget``: 50 timesteps, and for an FPDM
-                ``iters_per_step`` 2 unless given.
+                ``iterations_per_timestep`` 2 unless given.
             guidance_scale: classifier-free guidance (1: off).
             generator: a ``torch.Generator`` from which the seed is drawn (sample ``i``'s noise then depends only
                 on that seed and ``i``, so sharded runs agree); or give ``seed``. Default: seed 0.
             output_type: ``"pil"``, ``"np"`` (uint8), ``"pt"`` (decoded, [-1, 1]) or ``"latent"``.
             return_dict: ``False`` returns ``(images,)``.
-            budget, iters_per_step: the compute budget (block passes per image) and FPDM's iterations per timestep,
-                as in :func:`~fixedpoint_diffusion.plan`.
+            budget, iterations_per_timestep: the compute budget (block passes per image) and FPDM's iterations
+                per timestep, as in :func:`~fixedpoint_diffusion.plan`.
             sampling: other :func:`~fixedpoint_diffusion.sample` options (``allocation``, ``sampler``, ``eta``,
                 ``reuse``, ``guidance_channels``, ``tol``, ``ratio``, ``indices``, ``progress``).
 
@@ -142,27 +147,28 @@ class FPDMPipeline(DiffusionPipeline):
         if unknown:
             raise TypeError(f"FPDMPipeline got unexpected argument(s) {unknown}; it takes class_labels, "
                             f"num_inference_steps, guidance_scale, generator, output_type, return_dict, num_samples, "
-                            f"budget, iters_per_step, seed and {sorted(_SAMPLE_OPTIONS)}")
+                            f"budget, iterations_per_timestep, seed and {sorted(_SAMPLE_OPTIONS)}")
         if output_type not in ("pil", "np", "pt", "latent"):
-            raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
+            raise InvalidValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
         if generator is not None and seed is not None:
-            raise ValueError("give generator or seed, not both")
+            raise InvalidValueError("give generator or seed, not both")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"FPDMPipeline: generator must be a torch.Generator, got {type(generator).__name__}")
         if generator is not None:
             seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
-        if "num_steps" in sampling:  # sample()'s name for it
+        if "num_timesteps" in sampling:  # sample()'s name for it
             if num_inference_steps is not None:
-                raise ValueError("give num_inference_steps or num_steps, not both")
-            num_inference_steps = sampling.pop("num_steps")
+                raise InvalidValueError("give num_inference_steps or num_timesteps, not both")
+            num_inference_steps = sampling.pop("num_timesteps")
         if "schedule" not in sampling:
-            budget, iters_per_step, num_inference_steps = fill_schedule_defaults(
-                self.transformer, budget, iters_per_step, num_inference_steps, sampling.get("allocation", "constant"))
+            budget, iterations_per_timestep, num_inference_steps = fill_schedule_defaults(
+                self.transformer, budget, iterations_per_timestep, num_inference_steps,
+                sampling.get("allocation", "constant"))
         diffusion = diffusion_from_scheduler(self.scheduler).to(self.device)
         self.transformer.eval()
         result = sample(self.transformer, class_labels, diffusion=diffusion, num_samples=num_samples,
-                        device=self.device, budget=budget, iters_per_step=iters_per_step,
-                        num_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed or 0, **sampling)
+                        device=self.device, budget=budget, iterations_per_timestep=iterations_per_timestep,
+                        num_timesteps=num_inference_steps, guidance_scale=guidance_scale, seed=seed or 0, **sampling)
         if output_type == "latent":
             images: Any = result.samples
         else:
@@ -179,4 +185,4 @@ class FPDMPipeline(DiffusionPipeline):
 
 
 _SAMPLE_OPTIONS = frozenset({"allocation", "sampler", "eta", "reuse", "guidance_channels", "tol", "ratio", "indices",
-                             "progress", "schedule", "num_steps"})
+                             "progress", "schedule", "num_timesteps"})

@@ -8,7 +8,7 @@ seed, steps, training multiply-accumulates, device, wall time, date, and its mea
 
     from fixedpoint_diffusion import pretrained, sample
     model, diffusion = pretrained.load("shapes-fpdm")
-    images = sample(model, [0, 1, 2, 3], diffusion=diffusion, budget=48, iters_per_step=2, sampler="ddim")
+    images = sample(model, [0, 1, 2, 3], diffusion=diffusion, budget=48, iterations_per_timestep=2, sampler="ddim")
 
 The command line takes the same folders: ``fpdm sample --model $(python -c "from fixedpoint_diffusion import
 pretrained; print(pretrained.path('shapes-fpdm'))") ...``.

@@ -37,7 +37,6 @@ __all__ = ["RunFolder", "latest_checkpoint", "load_model"]
 
 _CHECKPOINT = re.compile(r"^step-(\d{8})\.pt$")
 _CHECKPOINT_KEYS = {"step", "model", "ema", "optimizer"}
-_DIFFUSION_KEYS = ("num_timesteps", "beta_start", "beta_end", "zero_terminal_snr", "prediction")
 
 
 class RunFolder:
@@ -87,14 +86,14 @@ class RunFolder:
             stale.unlink()
         return path
 
-    def write_ema(self, model: nn.Module, step: int, diffusion: dict[str, Any]) -> None:
-        """Save the EMA ``model`` as ``ema/`` (built in ``ema.tmp``, swapped in whole) with the ``diffusion``
-        settings it was trained with and the ``step``."""
+    def write_ema(self, model: nn.Module, step: int, diffusion: Diffusion) -> None:
+        """Save the EMA ``model`` as ``ema/`` (built in ``ema.tmp``, swapped in whole) with the ``diffusion`` it
+        was trained with (``diffusion.json``, its diffusers config) and the ``step``."""
         final, tmp, old = self.ema, self.path / "ema.tmp", self.path / "ema.old"
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp)
         (tmp / "training_step.json").write_text(json.dumps({"step": step}))
-        (tmp / "diffusion.json").write_text(json.dumps(diffusion, indent=1))
+        diffusion.save_config(tmp)
         if final.exists():
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
@@ -214,9 +213,9 @@ def _model_class(folder: Path, what: str) -> type[DiT | FPDM]:
 
 
 def _diffusion(settings: dict[str, Any], model: DiT | FPDM) -> Diffusion:
-    """The sampling schedule from saved diffusion settings (training-only keys such as the loss dropped)."""
-    return Diffusion(learn_sigma=model.config.learn_sigma,
-                     **{k: v for k, v in settings.items() if k in _DIFFUSION_KEYS})
+    """The diffusion from saved settings (``Diffusion.from_config``: an unknown key is an error); ``learn_sigma``
+    follows the model."""
+    return Diffusion.from_config(settings, learn_sigma=model.config.learn_sigma)
 
 
 def _load_checkpoint_file(path: Path, weights: bool | str, device: Any, what: str) -> tuple[DiT | FPDM, Diffusion]:

@@ -2,10 +2,11 @@
 DDPM and DDIM, classifier-free guidance.
 
 The budget is counted in transformer-block forward passes per image, the paper's unit (footnote 4): a timestep of
-FPDM costs ``pre_depth + iterations + post_depth`` passes, one of DiT ``depth``. :func:`plan` turns a budget into a
-:class:`Schedule` (which timesteps, how many fixed-point iterations at each) without touching the model's weights;
-:func:`sample` runs it. Guidance doubles the batch, not the chain, so it does not change the block-pass count; the
-multiply-accumulates reported (``macs``) are what was really computed, guidance included.
+FPDM costs ``pre_depth + iterations + post_depth`` passes, one of DiT ``depth``. :func:`~.budget.plan` turns a
+budget into a :class:`~.budget.Schedule` (which timesteps, how many fixed-point iterations at each) without
+touching the model's weights; :func:`sample` runs it on any :class:`Denoiser`. Guidance doubles the batch, not
+the chain, so it does not change the block-pass count; the multiply-accumulates reported (``macs``) are what was
+really computed, guidance included.
 
 Determinism: every sample ``i`` draws its initial noise and its DDPM noise from its own generator seeded by
 ``(seed, i)``, so a sample does not depend on which other samples share its batch's random draws; with the same
@@ -14,258 +15,83 @@ batches (see :func:`batches_for_rank`), sharding a job over processes gives bit-
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
-import numpy as np
 import torch
 
 from ._runtime import seed_from
+
+# The budget allocation lives in .budget; these names stay importable from here as before.
+from .budget import (
+    ALLOCATIONS,
+    DEFAULT_ITERATIONS_PER_TIMESTEP,
+    DEFAULT_NUM_TIMESTEPS,
+    Schedule,
+    _is_fixed_point_model,
+    fill_schedule_defaults,
+    plan,
+    spaced_timesteps,
+)
 from .diffusion import Diffusion, _gather
+from .errors import InvalidValueError
+from .models import Cost
 
-__all__ = ["ALLOCATIONS", "SampleOutput", "Schedule", "batches_for_rank", "plan", "sample"]
+__all__ = ["ALLOCATIONS", "DEFAULT_ITERATIONS_PER_TIMESTEP", "DEFAULT_NUM_TIMESTEPS", "Denoiser", "DenoiserOutput",
+           "SampleOutput", "Schedule", "batches_for_rank", "fill_schedule_defaults", "plan", "sample",
+           "spaced_timesteps"]
 
-ALLOCATIONS = ("constant", "increasing", "decreasing", "adaptive")
 
-
-@dataclass(frozen=True)
-class Schedule:
-    """Which timesteps a sampler visits and how many fixed-point iterations each gets.
+class DenoiserOutput(Protocol):
+    """What a :class:`Denoiser` call returns (:class:`~fixedpoint_diffusion.ModelOutput` is one).
 
     Attributes:
-        timesteps: training-timestep indices, from noisiest to cleanest.
-        iterations: fixed-point iterations per timestep (``None`` for explicit models such as DiT); for
-            ``"adaptive"`` the per-timestep allowance before unused iterations are carried forward.
-        explicit_passes: block passes per timestep outside the fixed point (``pre + post``, or DiT's depth).
-        budget: the budget asked for (``None`` if none was given).
-        allocation: how iterations were spread (``"constant"``, ``"increasing"``, ``"decreasing"``,
-            ``"custom"``, ``"adaptive"``).
-        tol: adaptive only: the relative residual at which a timestep's solve stops.
+        out: (B, C_out, H, W) prediction; the first ``in_channels`` channels are the target (v or epsilon), the
+            rest (with ``learn_sigma``) the variance interpolation values.
+        cost: what the call spent (``block_passes``, ``macs``), or ``None`` if unknown (then no MACs are
+            reported and a fixed-point model's iterations are taken as asked).
+        z: fixed-point models: the state (B, T, D) that starts the next timestep's solve (reuse); ``None``
+            turns reuse off.
+        residual: fixed-point models: (B,) last-step residual, or ``None``.
     """
 
-    timesteps: tuple[int, ...]
-    iterations: tuple[int, ...] | None
-    explicit_passes: int
-    budget: int | None
-    allocation: str
-    tol: float | None = None
-
-    @property
-    def num_steps(self) -> int:
-        return len(self.timesteps)
-
-    @property
-    def block_passes(self) -> int:
-        """Block passes per image if every timestep spends its allowance (the most an adaptive run spends)."""
-        return self.num_steps * self.explicit_passes + (sum(self.iterations) if self.iterations else 0)
-
-    def describe(self) -> str:
-        """A readable table of the schedule and its cost."""
-        lines = [f"{self.num_steps} timesteps, {self.block_passes} block passes per image"
-                 + (f" (budget {self.budget})" if self.budget is not None else "")
-                 + f", allocation {self.allocation}" + (f", tol {self.tol:g}" if self.tol is not None else "")]
-        lines.append("step  timestep  iterations  block passes")
-        for i, t in enumerate(self.timesteps):
-            it = self.iterations[i] if self.iterations else 0
-            lines.append(f"{i:4d}  {t:8d}  {it if self.iterations else '-':>10}  {self.explicit_passes + it:12d}")
-        return "\n".join(lines)
+    out: torch.Tensor
+    cost: Cost | None
+    z: torch.Tensor | None
+    residual: torch.Tensor | None
 
 
-def _is_fixed_point_model(model: Any) -> bool:
-    forward = getattr(model, "forward", model)
-    try:
-        return "num_steps" in inspect.signature(forward).parameters
-    except (TypeError, ValueError):
-        return False
+@runtime_checkable
+class Denoiser(Protocol):
+    """The model contract of :func:`sample` and :func:`~.budget.plan`, met by :class:`~fixedpoint_diffusion.DiT`
+    and :class:`~fixedpoint_diffusion.FPDM`.
 
+    Called as ``model(x_t, t, y, **kwargs)`` with ``x_t`` (B, C, H, W), integer timesteps ``t`` (B,) and labels
+    ``y`` (B,) (``num_classes`` is the null class for guidance). A fixed-point model also gets ``z0=`` (reuse)
+    and either ``num_iterations=`` (exactly that many iterations) or ``rtol=``, ``atol=``, ``max_steps=`` (the
+    adaptive allocation); an explicit model gets no keywords.
 
-#: What a caller that gives neither a budget nor a number of timesteps gets: 50 timesteps (diffusers' default),
-#: and for a fixed-point model 2 iterations at each.
-DEFAULT_NUM_STEPS = 50
-DEFAULT_ITERS_PER_STEP = 2
-
-
-def fill_schedule_defaults(model: Any, budget: int | None, iters_per_step: int | None, num_steps: int | None,
-                           allocation: str | Sequence[int] = "constant") -> tuple[int | None, int | None, int | None]:
-    """``(budget, iters_per_step, num_steps)`` completed with the defaults where a user gave too little for
-    :func:`plan`: no budget and no timesteps -> :data:`DEFAULT_NUM_STEPS` timesteps; a fixed-point model still
-    short of a second quantity (and not given per-timestep iterations) -> :data:`DEFAULT_ITERS_PER_STEP`. What
-    was given is kept, so inconsistent input still reaches :func:`plan` and its errors."""
-    if budget is None and num_steps is None:
-        num_steps = DEFAULT_NUM_STEPS
-    if (_is_fixed_point_model(model) and iters_per_step is None and isinstance(allocation, str)
-            and (budget is None or num_steps is None)):
-        iters_per_step = DEFAULT_ITERS_PER_STEP
-    return budget, iters_per_step, num_steps
-
-
-def _explicit_passes(model: Any) -> int | None:
-    cfg = getattr(model, "config", None)
-    if cfg is None:
-        return None
-    if _is_fixed_point_model(model):
-        return int(getattr(cfg, "pre_depth", 0)) + int(getattr(cfg, "post_depth", 0))
-    depth = getattr(cfg, "depth", None)
-    return int(depth) if depth is not None else None
-
-
-def spaced_timesteps(num_train_timesteps: int, num_steps: int) -> tuple[int, ...]:
-    """``num_steps`` evenly spaced training timesteps from ``T - 1`` down to 0 (ADM's respacing, diffusers'
-    ``"linspace"``); a single step is taken at ``T - 1``."""
-    if num_steps == 1:
-        return (num_train_timesteps - 1,)
-    return tuple(int(t) for t in np.linspace(0, num_train_timesteps - 1, num_steps).round()[::-1])
-
-
-def _distribute(total: int, weights: Sequence[float], prefer_late: bool = True) -> list[int]:
-    """Split ``total`` iterations over the steps: one each, the rest in proportion to ``weights`` (largest
-    remainders; ties to the larger weight, then to the later step if ``prefer_late`` else the earlier), so
-    non-decreasing weights with ``prefer_late`` (non-increasing without) give monotone counts summing to
-    ``total``."""
-    n = len(weights)
-    extra = total - n
-    w = np.asarray(weights, dtype=np.float64)
-    quota = extra * w / w.sum()
-    counts = np.floor(quota).astype(np.int64)
-    left = extra - int(counts.sum())
-    # Remainders are compared to 1e-9: a reversed ramp's quotas differ in the last bits, which would otherwise
-    # decide ties and make "decreasing" other than the mirror of "increasing".
-    remainder = np.round(quota - counts, 9)
-    order = sorted(range(n), key=lambda i: (-remainder[i], -w[i], -i if prefer_late else i))
-    for i in order[:left]:
-        counts[i] += 1
-    return [1 + int(c) for c in counts]
-
-
-def plan(model: Any = None, *, budget: int | None = None, iters_per_step: int | None = None,
-         num_steps: int | None = None, allocation: str | Sequence[int] = "constant", ratio: float = 3.0,
-         tol: float = 1e-3, num_train_timesteps: int = 1000, explicit_passes: int | None = None) -> Schedule:
-    """A sampling schedule from a compute budget.
-
-    For a fixed-point model (one whose forward takes ``num_steps``, such as FPDM), give two of:
-
-    * ``budget`` and ``iters_per_step``: the number of timesteps follows, ``budget // (explicit + k)``
-      ("timestep smoothing": fewer iterations, more timesteps);
-    * ``budget`` and ``num_steps``: the iterations follow, ``budget - num_steps * explicit`` spread over them;
-    * ``num_steps`` and ``iters_per_step``: ``k`` iterations at each of ``num_steps`` timesteps.
-
-    ``allocation`` spreads the iterations: ``"constant"`` (``k`` each when ``iters_per_step`` is given, otherwise
-    as even as possible), ``"increasing"``/``"decreasing"`` (linear weights from 1 to ``ratio`` towards the clean /
-    the noisy end, paper Sec. 3.3), a list of per-timestep counts (``"custom"``), or ``"adaptive"``: each timestep
-    may spend its even share plus whatever earlier timesteps left unused, and stops as soon as the relative
-    residual falls below ``tol``. The total never exceeds the budget and every timestep gets at least one iteration.
-
-    For an explicit model (DiT) the budget buys ``budget // depth`` timesteps.
-
-    Args:
-        model: the model (only its config is read: ``pre_depth``/``post_depth`` or ``depth``); or give
-            ``explicit_passes`` and no model for a fixed-point schedule.
-
-    Raises:
-        ValueError: a budget too small for one timestep (with at least one iteration), ``iters_per_step < 1``,
-            an unknown allocation, or an inconsistent combination.
+    Attributes:
+        config: ``in_channels``, ``input_size``, ``num_classes`` and optionally ``learn_sigma``.
+        is_fixed_point: whether the model takes the fixed-point keywords above and returns ``z``/``residual``.
+        explicit_passes: block passes per timestep outside any fixed point (DiT: ``depth``; FPDM:
+            ``pre_depth + post_depth``), or ``None`` if unknown (budgets are then refused).
     """
-    fixed_point = explicit_passes is not None if model is None else _is_fixed_point_model(model)
-    explicit = explicit_passes if model is None else _explicit_passes(model)
-    for name, value in (("budget", budget), ("iters_per_step", iters_per_step), ("num_steps", num_steps)):
-        if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    custom = None
-    if not isinstance(allocation, str):
-        custom = list(allocation) if isinstance(allocation, (list, tuple)) else None
-        if not custom or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in custom):
-            raise ValueError(f"allocation must be a name or a non-empty list of ints >= 1 (iterations per "
-                             f"timestep), got {allocation!r}")
-        if iters_per_step is not None:
-            raise ValueError(f"a custom allocation sets every timestep's iterations; iters_per_step="
-                             f"{iters_per_step} would be ignored: give one of them")
-        allocation_name = "custom"
-    elif allocation in ALLOCATIONS:
-        allocation_name = allocation
-    else:
-        raise ValueError(f"allocation must be one of {list(ALLOCATIONS)} or a list of per-timestep iterations, "
-                         f"got {allocation!r}")
-    if not (isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and math.isfinite(ratio) and ratio >= 1):
-        raise ValueError(f"ratio must be a finite number >= 1, got {ratio!r}")
 
-    if not fixed_point:
-        if explicit is None:
-            if budget is not None:
-                raise ValueError("budget needs a model whose per-timestep cost is known (config.depth); give "
-                                 "num_steps instead")
-            explicit = 0
-        if iters_per_step is not None or custom is not None or allocation_name != "constant":
-            raise ValueError("iters_per_step and allocations apply to fixed-point models only (this model has no "
-                             "num_steps argument)")
-        if budget is not None:
-            steps = budget // explicit
-            if steps < 1:
-                raise ValueError(f"budget {budget} is too small for one timestep ({explicit} block passes each)")
-            if num_steps is not None and num_steps != steps:
-                raise ValueError(f"budget {budget} buys {steps} timesteps of {explicit} block passes, not "
-                                 f"num_steps={num_steps}; give one of them")
-        elif num_steps is None:
-            raise ValueError("give budget or num_steps")
-        else:
-            steps = num_steps
-        _check_steps(steps, num_train_timesteps)
-        return Schedule(spaced_timesteps(num_train_timesteps, steps), None, explicit, budget, "constant")
+    config: Any
+    is_fixed_point: bool
+    explicit_passes: int | None
 
-    if custom is not None:
-        steps = len(custom)
-        if num_steps is not None and num_steps != steps:
-            raise ValueError(f"the custom allocation has {steps} entries but num_steps={num_steps}")
-        if budget is not None and steps * explicit + sum(custom) > budget:
-            raise ValueError(f"the custom allocation costs {steps * explicit + sum(custom)} block passes, over "
-                             f"the budget of {budget}")
-        _check_steps(steps, num_train_timesteps)
-        return Schedule(spaced_timesteps(num_train_timesteps, steps), tuple(custom), explicit, budget, "custom")
-
-    given = sum(v is not None for v in (budget, iters_per_step, num_steps))
-    if given != 2:
-        raise ValueError("give exactly two of budget, iters_per_step and num_steps (got "
-                         f"budget={budget}, iters_per_step={iters_per_step}, num_steps={num_steps})")
-    if budget is None:
-        steps, total = num_steps, num_steps * iters_per_step
-    elif num_steps is None:
-        steps = budget // (explicit + iters_per_step)
-        if steps < 1:
-            raise ValueError(f"budget {budget} is too small for one timestep of {explicit} explicit block passes "
-                             f"+ {iters_per_step} iterations")
-        total = steps * iters_per_step if allocation_name == "constant" else budget - steps * explicit
-    else:
-        steps = num_steps
-        total = budget - steps * explicit
-        if total < steps:
-            raise ValueError(f"budget {budget} is too small for {steps} timesteps: each needs {explicit} explicit "
-                             f"block passes + at least 1 iteration ({steps * (explicit + 1)} in all)")
-    _check_steps(steps, num_train_timesteps)
-    if allocation_name in ("constant", "adaptive"):
-        weights = [1.0] * steps
-    else:
-        ramp = np.linspace(1.0, ratio, steps) if steps > 1 else np.ones(1)
-        weights = list(ramp if allocation_name == "increasing" else ramp[::-1])
-    iterations = _distribute(total, weights, prefer_late=allocation_name != "decreasing")
-    if allocation_name == "adaptive" and not tol > 0:
-        raise ValueError(f"tol must be > 0 for the adaptive allocation, got {tol!r}")
-    return Schedule(spaced_timesteps(num_train_timesteps, steps), tuple(iterations), explicit, budget,
-                    allocation_name, tol if allocation_name == "adaptive" else None)
-
-
-def _check_steps(steps: int, num_train_timesteps: int) -> None:
-    if steps > num_train_timesteps:
-        raise ValueError(f"{steps} timesteps exceed the {num_train_timesteps} training timesteps")
-
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor, **kwargs: Any) -> DenoiserOutput: ...
 
 def batches_for_rank(num_samples: int, batch_size: int, rank: int = 0, world_size: int = 1) -> list[range]:
     """Sample-index ranges (batches) that process ``rank`` of ``world_size`` generates: the job is cut into
     batches of ``batch_size`` (the last one partial) and they are dealt round-robin, so every batch, hence every
     image, is the same whatever the number of processes."""
     if not (isinstance(batch_size, int) and batch_size >= 1):
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        raise InvalidValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     starts = range(0, num_samples, batch_size)
     return [range(s, min(s + batch_size, num_samples)) for i, s in enumerate(starts) if i % world_size == rank]
 
@@ -344,23 +170,25 @@ def _sample_generators(seed: int, indices: Sequence[int]) -> list[torch.Generato
 
 
 @torch.no_grad()
-def sample(model: Any, class_labels: torch.Tensor | Sequence[int] | None, *, diffusion: Diffusion | None = None,
-           schedule: Schedule | None = None, budget: int | None = None, iters_per_step: int | None = None,
-           num_steps: int | None = None, allocation: str | Sequence[int] = "constant", ratio: float = 3.0,
+def sample(model: Denoiser, class_labels: torch.Tensor | Sequence[int] | None, *,
+           diffusion: Diffusion | None = None, schedule: Schedule | None = None, budget: int | None = None,
+           iterations_per_timestep: int | None = None, num_timesteps: int | None = None,
+           allocation: str | Sequence[int] = "constant", ratio: float = 3.0,
            tol: float = 1e-3, sampler: str = "ddpm", eta: float = 0.0, guidance_scale: float = 1.0,
            guidance_channels: str = "all", reuse: bool = True, seed: int = 0,
            indices: Sequence[int] | None = None, num_samples: int | None = None, device: torch.device | None = None,
            progress: bool = False) -> SampleOutput:
     """Sample from a DiT, an FPDM or any module with their forward signature
-    ``model(x_t, t, y, [num_steps=, z0=, rtol=, max_steps=]) -> ModelOutput``.
+    ``model(x_t, t, y, [num_iterations=, z0=, rtol=, max_steps=]) -> ModelOutput`` (the :class:`Denoiser`
+    contract).
 
     Args:
         model: the denoiser (evaluated under ``torch.no_grad``; put it in eval mode yourself).
         class_labels: (B,) labels in ``[0, num_classes)``, or ``None`` for an unconditional model (then give
             ``num_samples``; the null class is used).
         diffusion: the schedule the model was trained with (default: ``Diffusion()``, the paper's).
-        schedule: a :class:`Schedule` from :func:`plan`; otherwise ``budget``/``iters_per_step``/``num_steps``/
-            ``allocation``/``ratio``/``tol`` are passed to :func:`plan`.
+        schedule: a :class:`Schedule` from :func:`plan`; otherwise ``budget``/``iterations_per_timestep``/
+            ``num_timesteps``/``allocation``/``ratio``/``tol`` are passed to :func:`plan`.
         sampler: ``"ddpm"`` (diffusers' ``DDPMScheduler``: learned-range variance when the model predicts it,
             ``clip_sample=False``) or ``"ddim"`` (our step, correct for any number of steps; ``eta`` adds noise).
         guidance_scale: classifier-free guidance (1: off); the null class is ``num_classes``.
@@ -379,24 +207,26 @@ def sample(model: Any, class_labels: torch.Tensor | Sequence[int] | None, *, dif
     cfg = getattr(model, "config", None)
     fixed_point = _is_fixed_point_model(model)
     if schedule is None:
-        schedule = plan(model, budget=budget, iters_per_step=iters_per_step, num_steps=num_steps,
-                        allocation=allocation, ratio=ratio, tol=tol, num_train_timesteps=diffusion.num_timesteps)
+        schedule = plan(model, budget=budget, iterations_per_timestep=iterations_per_timestep,
+                        num_timesteps=num_timesteps, allocation=allocation, ratio=ratio, tol=tol,
+                        num_train_timesteps=diffusion.num_timesteps)
     if schedule.iterations is not None and not fixed_point:
-        raise ValueError("the schedule has fixed-point iterations but the model takes no num_steps")
+        raise InvalidValueError("the schedule has fixed-point iterations but the model is not a fixed-point model "
+                         "(is_fixed_point)")
     if sampler not in ("ddpm", "ddim"):
-        raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
+        raise InvalidValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
     if guidance_channels not in ("all", "official_3"):
-        raise ValueError(f"guidance_channels must be 'all' or 'official_3', got {guidance_channels!r}")
+        raise InvalidValueError(f"guidance_channels must be 'all' or 'official_3', got {guidance_channels!r}")
     for name, value, minimum in (("eta", eta, 0.0), ("guidance_scale", guidance_scale, None)):
         if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
                 and (minimum is None or value >= minimum)):
-            raise ValueError(f"{name} must be a finite number{'' if minimum is None else ' >= 0'}, got {value!r}")
+            raise InvalidValueError(f"{name} must be a finite number{'' if minimum is None else ' >= 0'}, got {value!r}")
     if not (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**63):
-        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+        raise InvalidValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
     if device is not None:
         device = torch.device(device)
         if device.type == "meta" or (device.type == "cuda" and not torch.cuda.is_available()):
-            raise ValueError(f"device {str(device)!r} cannot run sampling"
+            raise InvalidValueError(f"device {str(device)!r} cannot run sampling"
                              + (" (CUDA is not available)" if device.type == "cuda" else ""))
     num_classes = getattr(cfg, "num_classes", None)
     if device is None:
@@ -404,27 +234,27 @@ def sample(model: Any, class_labels: torch.Tensor | Sequence[int] | None, *, dif
         device = param.device if param is not None else torch.device("cpu")
     if class_labels is None:
         if not (isinstance(num_samples, int) and num_samples >= 1):
-            raise ValueError("without class_labels, give num_samples >= 1")
+            raise InvalidValueError("without class_labels, give num_samples >= 1")
         if num_classes is None:
-            raise ValueError("class_labels=None needs a model with config.num_classes (its null class)")
+            raise InvalidValueError("class_labels=None needs a model with config.num_classes (its null class)")
         labels = torch.full((num_samples,), num_classes, dtype=torch.long)
     else:
         raw = torch.as_tensor(class_labels)
         if raw.is_floating_point() or raw.is_complex() or raw.dtype == torch.bool:
-            raise ValueError(f"class_labels must be integer class indices, got {raw.dtype} values")
+            raise InvalidValueError(f"class_labels must be integer class indices, got {raw.dtype} values")
         labels = raw.to(torch.long).flatten()
         if labels.numel() == 0:
-            raise ValueError("class_labels is empty")
+            raise InvalidValueError("class_labels is empty")
         if num_classes is not None and (labels.min() < 0 or labels.max() >= num_classes):
-            raise ValueError(f"class_labels must be in [0, {num_classes}), got values in "
+            raise InvalidValueError(f"class_labels must be in [0, {num_classes}), got values in "
                              f"[{int(labels.min())}, {int(labels.max())}]")
     if guidance_scale != 1.0 and (class_labels is None or num_classes is None or num_classes < 2):
-        raise ValueError(f"guidance_scale={guidance_scale} needs a class-conditional model (config.num_classes >= 2 "
+        raise InvalidValueError(f"guidance_scale={guidance_scale} needs a class-conditional model (config.num_classes >= 2 "
                          f"with a trained null class) and class_labels")
     batch = labels.shape[0]
     indices = list(range(batch)) if indices is None else list(indices)
     if len(indices) != batch:
-        raise ValueError(f"indices has {len(indices)} entries for {batch} samples")
+        raise InvalidValueError(f"indices has {len(indices)} entries for {batch} samples")
     channels, size = int(cfg.in_channels), int(cfg.input_size)
     learned_sigma = bool(getattr(cfg, "learn_sigma", False))
 
@@ -457,7 +287,7 @@ def sample(model: Any, class_labels: torch.Tensor | Sequence[int] | None, *, dif
                 allowance += carry
                 kwargs.update(rtol=schedule.tol, atol=0.0, max_steps=allowance)
             else:
-                kwargs["num_steps"] = allowance
+                kwargs["num_iterations"] = allowance
         out = model(x_in, t_in, y_in, **kwargs)
         pred = out.out
         if guided:
@@ -472,7 +302,7 @@ def sample(model: Any, class_labels: torch.Tensor | Sequence[int] | None, *, dif
             macs = None
         if fixed_point:
             spent = int(cost.block_passes) - schedule.explicit_passes if cost is not None else kwargs.get(
-                "num_steps", 0)
+                "num_iterations", 0)
             spent_iterations.append(spent)
             if schedule.allocation == "adaptive":
                 carry = allowance - spent

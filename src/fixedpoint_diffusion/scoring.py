@@ -19,12 +19,13 @@ import numpy as np
 import torch
 
 from ._files import write_atomic, write_json_atomic
+from .budget import plan
 from .classifier import ShapesClassifier, classifier_features, train_classifier
 from .data import Shapes
 from .errors import InvalidValueError
 from .evaluation import HELD_OUT_SEED, evaluate_samples, frechet_distance
 from .pipeline import to_uint8
-from .sampling import plan, sample
+from .sampling import sample
 
 __all__ = ["Scorer", "Setting", "bootstrap", "paired_difference", "score_settings"]
 
@@ -89,7 +90,7 @@ class Setting:
 
     def sampling_arguments(self) -> dict[str, Any]:
         """The :func:`~fixedpoint_diffusion.sample` arguments of this setting (DDIM, eta 0)."""
-        return {"budget": self.budget, "iters_per_step": self.iters_per_step, "reuse": self.reuse,
+        return {"budget": self.budget, "iterations_per_timestep": self.iters_per_step, "reuse": self.reuse,
                 "allocation": self.allocation, "guidance_scale": self.guidance_scale, "sampler": "ddim"}
 
 
@@ -136,7 +137,8 @@ class Scorer:
             model: a trained DiT or FPDM (in eval mode).
             diffusion: the schedule it was trained with.
             keep: also return the first ``keep`` images (uint8 NHWC) under ``"images"``.
-            **sampling: :func:`~fixedpoint_diffusion.sampling.sample` arguments (``budget``, ``iters_per_step``,
+            **sampling: :func:`~fixedpoint_diffusion.sampling.sample` arguments (``budget``,
+                ``iterations_per_timestep``,
                 ``sampler``, ``reuse``, ...).
 
         Returns:
@@ -163,7 +165,7 @@ class Scorer:
         result = evaluate_samples(images, labels.numpy(), self.classifier, self.reference, keep_features=True,
                                   kid_subsets=self.kid_subsets, kid_subset_size=min(1000, num_samples), seed=seed)
         schedule = out.schedule
-        result.update(block_passes=schedule.block_passes, num_steps=schedule.num_steps,
+        result.update(block_passes=schedule.block_passes, num_steps=schedule.num_timesteps,
                       iterations=list(schedule.iterations) if schedule.iterations is not None else None,
                       residual=torch.cat(residuals, 1).mean(1).tolist() if residuals else None,
                       seconds=seconds)
@@ -319,7 +321,7 @@ def score_settings(models: Mapping[str, tuple[Any, Any]], settings: list[Setting
             images = score.pop("images", None)
             intervals = bootstrap(score["features"], score["correct"], scorer.reference, seed=seed)
             score["fd_resampled"] = intervals.pop("fd_resampled")
-            timesteps = list(plan(model, budget=setting.budget, iters_per_step=setting.iters_per_step,
+            timesteps = list(plan(model, budget=setting.budget, iterations_per_timestep=setting.iters_per_step,
                                   allocation=setting.allocation).timesteps)
             row = {**dataclasses.asdict(setting), "key": setting.key, "label": setting.label,
                    **{k: v for k, v in score.items() if k not in _ARRAYS},

@@ -50,7 +50,7 @@ from .config import Config, ConfigError
 from .data import ImageFolder, LatentDataset, Shapes
 from .diffusion import Diffusion
 from .errors import InvalidValueError, OutputExistsError
-from .models import FPDM, DiT, create_model
+from .models import FPDM, DiT, convert_legacy_fpdm_config, create_model
 from .runs import RunFolder, model_signature
 from .trackers import Tracker, check_tracker
 
@@ -154,8 +154,11 @@ class Objective(nn.Module):
         self.diffusion = diffusion
         self.autocast, self.device_type = autocast, device_type
 
-    def forward(self, x0, y, t, eps, drop):
+    def forward(self, x0, y, t, eps, drop, generator=None):
+        """``generator``: the FPDM's stochastic-JFB draws for this step (passed to its forward)."""
         def run(*args, **kwargs):
+            if generator is not None:
+                kwargs["generator"] = generator
             with torch.autocast(self.device_type, dtype=self.autocast or torch.float32,
                                 enabled=self.autocast is not None):
                 return self.model(*args, **kwargs)
@@ -255,6 +258,8 @@ class Trainer:
 
     def _check_checkpoint(self, ckpt: dict[str, Any]) -> None:
         ours, theirs = model_signature(self.model), ckpt.get("model_signature", {})
+        if theirs.get("class") == "FPDM":  # checkpoints written with the old flat backward keys
+            theirs = convert_legacy_fpdm_config(theirs)
         diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
         if diff:
             shown = "; ".join(f"{k}: checkpoint {theirs.get(k)!r}, config {ours.get(k)!r}" for k in diff[:6])
@@ -292,10 +297,7 @@ class Trainer:
             for module in model.modules():
                 if type(module).__name__ == "DiTBlock":
                     module.compile()
-        self.diffusion = Diffusion(cfg.diffusion.num_timesteps, cfg.diffusion.beta_start, cfg.diffusion.beta_end,
-                                   zero_terminal_snr=cfg.diffusion.zero_terminal_snr,
-                                   prediction=cfg.diffusion.prediction, learn_sigma=model.config.learn_sigma,
-                                   mean_loss=cfg.diffusion.mean_loss).to(self.device)
+        self.diffusion = cfg.diffusion.build(learn_sigma=model.config.learn_sigma).to(self.device)
         objective = Objective(model, self.diffusion, autocast, self.device.type)
         if dist.is_initialized():
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -346,9 +348,9 @@ class Trainer:
         t, eps, drop, flip, sjfb_seed = self._draws(step, tuple(x.shape[1:]))
         if self.config.data.hflip and self.config.data.kind != "latents":
             x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-        if isinstance(self.model, FPDM):  # identical stochastic-JFB draws on every rank
-            self.model.generator = torch.Generator().manual_seed(sjfb_seed)
-        loss, mse, vb, residual = self.objective(x, y, t, eps, drop)
+        # identical stochastic-JFB draws on every rank
+        generator = torch.Generator().manual_seed(sjfb_seed) if isinstance(self.model, FPDM) else None
+        loss, mse, vb, residual = self.objective(x, y, t, eps, drop, generator)
         loss.backward()
         if tr.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), tr.grad_clip)
@@ -421,7 +423,7 @@ class Trainer:
                                  "train.lr, set train.grad_clip, or check the data")
 
     def _save_ema(self) -> None:
-        self.run_folder.write_ema(self.ema, self.step, self.config.to_dict()["diffusion"])
+        self.run_folder.write_ema(self.ema, self.step, self.diffusion)
 
     # --- the loop ---------------------------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ from .._runtime import default_device
 from ..errors import InvalidValueError
 
 # The planner's argument names, as this command's flags (its errors are reworded with them).
-_FLAGS = (("iters_per_step", "--iters"), ("num_steps", "--num-steps"), ("budget", "--budget"),
+_FLAGS = (("iterations_per_timestep", "--iters"), ("num_timesteps", "--timesteps"), ("budget", "--budget"),
           ("allocation", "--allocation"), ("ratio", "--ratio"), ("tol", "--tol"))
 
 
@@ -37,10 +37,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--classes", default=None, help="comma-separated labels, cycled (default: random per sample)")
     p.add_argument("--seed", type=int, default=0, help="sample i's noise depends on (seed, i) only")
     p.add_argument("--budget", type=int, default=None, help="block passes per image (with neither --budget nor "
-                                                             "--num-steps: 50 timesteps)")
+                                                             "--timesteps: 50 timesteps)")
     p.add_argument("--iters", type=int, default=None,
                    help="fixed-point iterations per timestep (FPDM; 2 when the schedule needs it)")
-    p.add_argument("--num-steps", type=int, default=None, help="timesteps")
+    p.add_argument("--timesteps", type=int, default=None, dest="num_timesteps", help="timesteps")
+    p.add_argument("--num-steps", type=int, default=None, dest="num_timesteps", help=argparse.SUPPRESS)  # old name
     p.add_argument("--allocation", default="constant",
                    help="constant, increasing, decreasing, adaptive, or comma-separated iterations per timestep")
     p.add_argument("--ratio", type=float, default=3.0, help="last/first weight of increasing/decreasing")
@@ -93,10 +94,12 @@ def run(args: argparse.Namespace) -> int:
     if not args.dry_run:
         fd.check_output_folder(args.out, overwrite=args.overwrite, what="--out")
     model, diffusion = fd.load_model(args.model, weights=False, what="--model")
-    budget, iters, num_steps = fd.fill_schedule_defaults(model, args.budget, args.iters, args.num_steps, allocation)
+    budget, iters, num_timesteps = fd.fill_schedule_defaults(model, args.budget, args.iters, args.num_timesteps,
+                                                             allocation)
     try:
-        schedule = fd.plan(model, budget=budget, iters_per_step=iters, num_steps=num_steps, allocation=allocation,
-                           ratio=args.ratio, tol=args.tol, num_train_timesteps=diffusion.num_timesteps)
+        schedule = fd.plan(model, budget=budget, iterations_per_timestep=iters, num_timesteps=num_timesteps,
+                           allocation=allocation, ratio=args.ratio, tol=args.tol,
+                           num_train_timesteps=diffusion.num_timesteps)
     except ValueError as err:  # in the command's own words
         raise _in_flags(err) from None
     num_classes = model.config.num_classes
@@ -131,5 +134,5 @@ def run(args: argparse.Namespace) -> int:
         spent = summary.block_passes_per_image
         planned = "" if spent == schedule.block_passes else f" of the {schedule.block_passes} allowed"
         print(f"{args.num_samples} samples in {summary.out} ({spent:g} block passes per image spent{planned}, "
-              f"{schedule.num_steps} timesteps)")
+              f"{schedule.num_timesteps} timesteps)")
     return 0
