@@ -1,0 +1,182 @@
+"""Counter-based Gaussian noise: sample ``i``'s noise is a pure function of ``(seed, i, step)``, drawn for a whole
+batch in one call on the batch's device.
+
+The generator is Philox4x32-10 (Salmon, Moraes, Dror & Shaw, "Parallel Random Numbers: As Easy as 1, 2, 3",
+SC 2011; the counter-based generator of Random123, cuRAND and JAX). Philox is a keyed bijection of a 128-bit counter:
+every output block is computed from its own counter, so no state is carried from one draw to the next and any
+element of any sample can be drawn without drawing the others. That is what makes the noise independent of the batch
+a sample is in, of its position in it, and of the number of processes a run is sharded over, without a
+``torch.Generator`` per sample.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Sequence
+
+import torch
+
+from .errors import InvalidValueError
+
+__all__ = ["counter_normal"]
+
+_MASK32 = 0xFFFFFFFF
+_MASK64 = (1 << 64) - 1
+# Philox4x32 round multipliers and Weyl key increments (Salmon et al. 2011, table 2 / Random123's philox.h).
+_M0, _M1 = 0xD2511F53, 0xCD9E8D57
+_W0, _W1 = 0x9E3779B9, 0xBB67AE85
+_ROUNDS = 10
+# The fourth counter word: a fixed tag ("FPDN"), so these streams never coincide with another Philox use in the
+# project that takes its key from the same seed but leaves this word at 0.
+_STREAM = 0x4650444E
+_LIMIT32 = 1 << 32
+
+
+def _mix64(x: int) -> int:
+    """SplitMix64's finaliser (Steele, Lea & Flood 2014): a bijection on 64-bit ints in which every input bit
+    affects every output bit. Philox takes any key, but nearby seeds (0, 1, 2, ...) would otherwise be keys that
+    differ in one or two low bits of one word; mixing spreads them over both key words."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def _key_from_seed(seed: int) -> tuple[int, int]:
+    """The Philox key (two 32-bit words) of a seed: the seed reduced mod 2**64, mixed, split low word first."""
+    k = _mix64(seed & _MASK64)
+    return k & _MASK32, k >> 32
+
+
+def _mulhilo(a: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The high and low 32-bit words of the 64-bit product ``a * m`` (``a``: int64 holding uint32 values).
+
+    Torch has no unsigned 32-bit arithmetic on every device, so the product is formed in int64. It can exceed
+    2**63 and wrap to a negative number, but two's complement keeps the bits mod 2**64 exact; the arithmetic right
+    shift then drags sign bits into the top half, which the mask removes."""
+    prod = a * m
+    return (prod >> 32) & _MASK32, prod & _MASK32
+
+
+def _philox4x32_10(c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor, k0: int, k1: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Philox4x32-10 of counters ``(c0, c1, c2, c3)`` (int64 tensors of uint32 values, broadcastable) under the key
+    ``(k0, k1)``; returns the four output words as int64 tensors of uint32 values.
+
+    Each round (Salmon et al. 2011, sec. 3.3): ``(hi0, lo0) = M0 * c0``, ``(hi1, lo1) = M1 * c2``,
+    ``c <- (hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0)``; the key is bumped by the Weyl constants between rounds.
+    The key is a Python int here (one per call), so its schedule costs no tensor operations."""
+    for r in range(_ROUNDS):
+        hi0, lo0 = _mulhilo(c0, _M0)
+        hi1, lo1 = _mulhilo(c2, _M1)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        if r < _ROUNDS - 1:
+            k0, k1 = (k0 + _W0) & _MASK32, (k1 + _W1) & _MASK32
+    return c0, c1, c2, c3
+
+
+def _uniform(x: torch.Tensor) -> torch.Tensor:
+    """Uniforms in the open interval (0, 1) from uint32 words: the top 24 bits (all a float32 mantissa holds
+    exactly) at the centre of their cell, ``(x >> 8) + 0.5) * 2**-24``. Never 0, so ``log`` in Box-Muller is
+    finite; never 1 either. The smallest value, 2**-25, caps ``|z|`` at ``sqrt(50 ln 2)`` = 5.89, which a standard
+    normal exceeds with probability 4e-9."""
+    return ((x >> 8).to(torch.float32) + 0.5) * (2.0**-24)
+
+
+def _check(seed: object, indices: object, step: object, shape: object, dtype: object) -> tuple[int, int, tuple]:
+    if isinstance(seed, bool):
+        raise TypeError(f"seed must be an int, got {seed!r}")
+    try:
+        seed = operator.index(seed)
+    except TypeError:
+        raise TypeError(f"seed must be an int, got {type(seed).__name__} {seed!r}") from None
+    if not isinstance(indices, torch.Tensor):
+        raise TypeError(f"indices must be a 1-D integer torch.Tensor of sample indices, got {type(indices).__name__}")
+    if indices.dtype == torch.bool or indices.dtype.is_floating_point or indices.dtype.is_complex:
+        raise TypeError(f"indices must be an integer tensor, got dtype {indices.dtype}")
+    if indices.dim() != 1:
+        raise InvalidValueError(f"indices must be 1-D (one index per sample), got shape {tuple(indices.shape)}")
+    # One host read of two numbers; on a GPU it waits for the indices (pass CPU indices to avoid that wait).
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= _LIMIT32):
+        raise InvalidValueError(f"indices must lie in [0, 2**32), got values in [{int(indices.min())}, "
+                                f"{int(indices.max())}]")
+    if isinstance(step, bool):
+        raise TypeError(f"step must be an int, got {step!r}")
+    try:
+        step = operator.index(step)
+    except TypeError:
+        raise TypeError(f"step must be an int, got {type(step).__name__} {step!r}") from None
+    if not 0 <= step < _LIMIT32:
+        raise InvalidValueError(f"step must lie in [0, 2**32), got {step}")
+    if isinstance(shape, (str, bytes)) or not isinstance(shape, Sequence):
+        raise TypeError(f"shape must be a tuple of ints (the per-sample shape), got {type(shape).__name__}")
+    dims = []
+    for d in shape:
+        if isinstance(d, bool):
+            raise TypeError(f"shape must hold ints, got {shape!r}")
+        try:
+            d = operator.index(d)
+        except TypeError:
+            raise TypeError(f"shape must hold ints, got {shape!r}") from None
+        if d < 0:
+            raise InvalidValueError(f"shape must hold non-negative sizes, got {tuple(shape)!r}")
+        dims.append(d)
+    if math.prod(dims) > 4 * _LIMIT32:
+        raise InvalidValueError(f"shape {tuple(dims)} has {math.prod(dims)} elements per sample; at most 2**34 fit "
+                                f"the 32-bit block counter")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    return seed, step, tuple(dims)
+
+
+def counter_normal(seed: int, indices: torch.Tensor, step: int, shape: Sequence[int], *,
+                   device: str | torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Standard normal noise for the samples ``indices`` at ``step``, each a pure function of ``(seed, index,
+    step)``: the same whatever batch, order or process the sample is drawn in.
+
+    Element ``e`` (row-major, within one sample) of sample ``i`` takes word ``e % 4`` of the Philox4x32-10 block
+    with counter ``(e // 4, i, step, stream tag)`` and key derived from ``seed`` (module docstring). The block's
+    four words become four uniforms in (0, 1) and those two Box-Muller pairs (Box & Muller 1958; both outputs
+    used): ``z = sqrt(-2 ln u1) * (cos(2 pi u2), sin(2 pi u2))``. The arithmetic is float32 on ``device`` whatever
+    ``dtype`` is, then cast, so the bits do not depend on the output dtype. An element's value does not depend on
+    ``shape`` either, only on its flat position. CPU and CUDA give identical integers; the normals agree to float32
+    rounding of ``log``/``cos``/``sin`` (a few ulp).
+
+    Args:
+        seed: any int; reduced mod 2**64 (so ``-1`` and ``2**64 - 1`` are the same seed).
+        indices: (B,) integer tensor of sample indices in [0, 2**32), on any device.
+        step: the timestep (or any other per-draw counter) in [0, 2**32).
+        shape: the per-sample shape, non-negative ints, at most 2**34 elements.
+        device: where the noise is computed and returned.
+        dtype: a floating dtype of the result.
+
+    Returns:
+        (B, *shape) tensor of ``dtype`` on ``device``.
+
+    Raises:
+        TypeError: an argument of the wrong type (the message names it).
+        InvalidValueError (a ``ValueError``): an index or step outside [0, 2**32), a negative size, too many
+            elements, or ``indices`` not 1-D.
+    """
+    seed, step, shape = _check(seed, indices, step, shape, dtype)
+    device = torch.device(device)
+    numel = math.prod(shape)
+    batch = indices.shape[0]
+    if batch == 0 or numel == 0:
+        return torch.empty((batch, *shape), device=device, dtype=dtype)
+    k0, k1 = _key_from_seed(seed)
+    num_blocks = -(-numel // 4)
+    c0 = torch.arange(num_blocks, device=device, dtype=torch.int64).expand(batch, num_blocks)  # (B, N/4)
+    c1 = indices.to(device=device, dtype=torch.int64)[:, None].expand(batch, num_blocks)  # (B, N/4)
+    # The step and stream words start equal across the batch; broadcasting keeps round one cheap and the first
+    # round's products give them the full (B, N/4) shape.
+    c2 = torch.full((1, 1), step, device=device, dtype=torch.int64)
+    c3 = torch.full((1, 1), _STREAM, device=device, dtype=torch.int64)
+    x0, x1, x2, x3 = _philox4x32_10(c0, c1, c2, c3, k0, k1)
+    u = torch.stack([_uniform(x0), _uniform(x1), _uniform(x2), _uniform(x3)])  # (4, B, N/4)
+    radius = torch.sqrt(-2.0 * torch.log(u[0::2]))  # (2, B, N/4): pairs (x0, x1) and (x2, x3)
+    angle = (2.0 * math.pi) * u[1::2]  # (2, B, N/4)
+    z = torch.stack([radius[0] * torch.cos(angle[0]), radius[0] * torch.sin(angle[0]),
+                     radius[1] * torch.cos(angle[1]), radius[1] * torch.sin(angle[1])], dim=-1)  # (B, N/4, 4)
+    return z.reshape(batch, 4 * num_blocks)[:, :numel].reshape(batch, *shape).to(dtype)
