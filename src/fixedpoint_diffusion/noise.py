@@ -77,11 +77,12 @@ def _philox4x32_10(c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: tor
 
 
 def _uniform(x: torch.Tensor) -> torch.Tensor:
-    """Uniforms in the open interval (0, 1) from uint32 words: the top 24 bits (all a float32 mantissa holds
-    exactly) at the centre of their cell, ``(x >> 8) + 0.5) * 2**-24``. Never 0, so ``log`` in Box-Muller is
-    finite; never 1 either. The smallest value, 2**-25, caps ``|z|`` at ``sqrt(50 ln 2)`` = 5.89, which a standard
-    normal exceeds with probability 4e-9."""
-    return ((x >> 8).to(torch.float32) + 0.5) * (2.0**-24)
+    """Uniforms in the open interval (0, 1) from uint32 words: the top 23 bits at the centre of their cell,
+    ``((x >> 9) + 0.5) * 2**-23``. A cell centre needs one bit more than the index, and float32 holds 24, so every
+    value is exact (with 24 bits the top cell's centre rounds up to 1.0). Never 0, so ``log`` in Box-Muller is
+    finite, and never 1. The smallest value, 2**-24, caps ``|z|`` at ``sqrt(48 ln 2)`` = 5.77, which a standard
+    normal exceeds with probability 8e-9."""
+    return ((x >> 9).to(torch.float32) + 0.5) * (2.0**-23)
 
 
 def _check(seed: object, indices: object, step: object, shape: object, dtype: object) -> tuple[int, int, tuple]:
