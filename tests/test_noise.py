@@ -56,20 +56,23 @@ def test_philox_matches_exact_integer_route_on_random_counters():
     counters = [[rng.getrandbits(32) for _ in range(4)] for _ in range(200)] + [[0xFFFFFFFF - i] * 4 for i in range(8)]
     key = (rng.getrandbits(32), rng.getrandbits(32))
     cols = [torch.tensor(col, dtype=torch.int64) for col in zip(*counters)]
-    got = torch.stack(noise._philox4x32_10(*cols, *key), dim=1).tolist()
+    copies = [c.clone() for c in cols]
+    got = noise._philox4x32_10(*cols, *key).T.tolist()
     assert got == [list(_philox_reference(c, key)) for c in counters]
+    assert all(torch.equal(a, b) for a, b in zip(cols, copies))  # the in-place updates never touch the inputs
 
 
-def test_first_block_is_box_muller_of_philox_at_the_documented_counter():
+def test_blocks_are_box_muller_of_philox_at_the_documented_counters():
     seed, i, step = 1234, 7, 55
-    k0, k1 = noise._key_from_seed(seed)
-    words = _philox_reference((0, i, step, noise._STREAM), (k0, k1))
-    u = [((w >> 9) + 0.5) / 2**23 for w in words]
-    want = [math.sqrt(-2 * math.log(u[0])) * math.cos(2 * math.pi * u[1]),
-            math.sqrt(-2 * math.log(u[0])) * math.sin(2 * math.pi * u[1]),
-            math.sqrt(-2 * math.log(u[2])) * math.cos(2 * math.pi * u[3]),
-            math.sqrt(-2 * math.log(u[2])) * math.sin(2 * math.pi * u[3])]
-    got = counter_normal(seed, torch.tensor([i]), step, (4,), device="cpu")[0]
+    key = noise._key_from_seed(seed)
+    want = []
+    for block in range(3):  # elements 4j .. 4j + 3 come from the block with counter (j, i, step, stream)
+        words = _philox_reference((block, i, step, noise._STREAM), key)
+        u = [((w >> 9) + 0.5) / 2**23 for w in words]
+        for p in (0, 2):
+            r, a = math.sqrt(-2 * math.log(u[p])), 2 * math.pi * u[p + 1]
+            want += [r * math.cos(a), r * math.sin(a)]
+    got = counter_normal(seed, torch.tensor([i]), step, (12,), device="cpu")[0]
     torch.testing.assert_close(got, torch.tensor(want), rtol=1e-6, atol=1e-6)
 
 
