@@ -27,8 +27,8 @@ _MASK64 = (1 << 64) - 1
 _M0, _M1 = 0xD2511F53, 0xCD9E8D57
 _W0, _W1 = 0x9E3779B9, 0xBB67AE85
 _ROUNDS = 10
-# The fourth counter word: a fixed tag ("FPDN"), so these streams never coincide with another Philox use in the
-# project that takes its key from the same seed but leaves this word at 0.
+# The fourth counter word: a fixed tag ("FPDN"), so that another use of Philox keyed by the same seed can take
+# another tag and never meet these streams.
 _STREAM = 0x4650444E
 _LIMIT32 = 1 << 32
 
@@ -49,10 +49,10 @@ def _key_from_seed(seed: int) -> tuple[int, int]:
     return k & _MASK32, k >> 32
 
 
-def _philox4x32_10(c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor, k0: int, k1: int
-                   ) -> torch.Tensor:
+def _philox4x32_10(c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor | int, c3: torch.Tensor | int, k0: int,
+                   k1: int) -> torch.Tensor:
     """Philox4x32-10 of counters ``(c0, c1, c2, c3)`` (int64 tensors of uint32 values, broadcastable to one shape
-    S, all on one device) under the key ``(k0, k1)``; returns the four output words as one (4, *S) int64 tensor of
+    S, all on ``c0``'s device; ``c2`` and ``c3`` may be Python ints, filled in without a host-to-device copy) under the key ``(k0, k1)``; returns the four output words as one (4, *S) int64 tensor of
     uint32 values. The inputs are not modified.
 
     Each round (Salmon et al. 2011, sec. 3.3): ``(hi0, lo0) = M0 * c0``, ``(hi1, lo1) = M1 * c2``,
@@ -68,10 +68,13 @@ def _philox4x32_10(c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: tor
     Every step writes into buffers allocated once: on a CPU a fresh tensor of this size costs several times the
     arithmetic on it (measured: out-of-place int64 ops 40-60 us, in-place 8 us, on 65536 elements).
     """
-    shape = torch.broadcast_shapes(c0.shape, c1.shape, c2.shape, c3.shape)
+    shape = torch.broadcast_shapes(*(c.shape for c in (c0, c1, c2, c3) if isinstance(c, torch.Tensor)))
     state = torch.empty((4, *shape), dtype=torch.int64, device=c0.device)
     for word, c in zip(state, (c0, c1, c2, c3)):
-        word.copy_(c)
+        if isinstance(c, torch.Tensor):
+            word.copy_(c)
+        else:
+            word.fill_(c)
     x0, x1, x2, x3 = state
     lo0, lo1 = torch.empty((2, *shape), dtype=torch.int64, device=c0.device)
     for r in range(_ROUNDS):
@@ -190,9 +193,7 @@ def counter_normal(seed: int, indices: torch.Tensor, step: int, shape: Sequence[
     num_blocks = -(-numel // 4)
     c0 = torch.arange(num_blocks, device=device, dtype=torch.int64)  # (N/4,)
     c1 = indices.to(device=device, dtype=torch.int64)[:, None]  # (B, 1)
-    c2 = torch.tensor(step, device=device, dtype=torch.int64)
-    c3 = torch.tensor(_STREAM, device=device, dtype=torch.int64)
-    words = _philox4x32_10(c0, c1, c2, c3, k0, k1)  # (4, B, N/4)
+    words = _philox4x32_10(c0, c1, step, _STREAM, k0, k1)  # (4, B, N/4)
     u = _uniform(words)  # (4, B, N/4)
     radius = torch.log(u[0::2]).mul_(-2.0).sqrt_()  # (2, B, N/4): Box-Muller pairs (x0, x1) and (x2, x3)
     angle = u[1::2].mul_(2.0 * math.pi)  # (2, B, N/4)
