@@ -115,7 +115,7 @@ def test_same_call_twice_is_bit_identical():
 
 @pytest.mark.parametrize("change", ["seed", "step", "index", "seed + 2**32", "step 0"])
 def test_different_seed_step_or_index_gives_different_noise(change):
-    base = dict(seed=3, index=4, step=20)
+    base = {"seed": 3, "index": 4, "step": 20}
     other = {"seed": dict(base, seed=4), "step": dict(base, step=21), "index": dict(base, index=5),
              "seed + 2**32": dict(base, seed=3 + 2**32), "step 0": dict(base, step=0)}[change]
 
@@ -192,28 +192,28 @@ def test_neighbouring_steps_are_uncorrelated(draws):
 # --- arguments ------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs,error,name", [
-    (dict(seed=1.5), TypeError, "seed"),
-    (dict(seed=True), TypeError, "seed"),
-    (dict(seed="1"), TypeError, "seed"),
-    (dict(indices=[0, 1]), TypeError, "indices"),
-    (dict(indices=torch.tensor([0.0, 1.0])), TypeError, "indices"),
-    (dict(indices=torch.tensor([True])), TypeError, "indices"),
-    (dict(indices=torch.tensor([[0, 1]])), InvalidValueError, "indices"),
-    (dict(indices=torch.tensor([0, -1])), InvalidValueError, "indices"),
-    (dict(indices=torch.tensor([2**32])), InvalidValueError, "indices"),
-    (dict(step=-1), InvalidValueError, "step"),
-    (dict(step=2**32), InvalidValueError, "step"),
-    (dict(step=2.0), TypeError, "step"),
-    (dict(shape=(4, -1)), InvalidValueError, "shape"),
-    (dict(shape=(4, 2.0)), TypeError, "shape"),
-    (dict(shape=4), TypeError, "shape"),
-    (dict(shape="44"), TypeError, "shape"),
-    (dict(shape=(2**20, 2**20)), InvalidValueError, "shape"),
-    (dict(dtype=torch.int64), TypeError, "dtype"),
-    (dict(dtype="float32"), TypeError, "dtype"),
+    ({"seed": 1.5}, TypeError, "seed"),
+    ({"seed": True}, TypeError, "seed"),
+    ({"seed": "1"}, TypeError, "seed"),
+    ({"indices": [0, 1]}, TypeError, "indices"),
+    ({"indices": torch.tensor([0.0, 1.0])}, TypeError, "indices"),
+    ({"indices": torch.tensor([True])}, TypeError, "indices"),
+    ({"indices": torch.tensor([[0, 1]])}, InvalidValueError, "indices"),
+    ({"indices": torch.tensor([0, -1])}, InvalidValueError, "indices"),
+    ({"indices": torch.tensor([2**32])}, InvalidValueError, "indices"),
+    ({"step": -1}, InvalidValueError, "step"),
+    ({"step": 2**32}, InvalidValueError, "step"),
+    ({"step": 2.0}, TypeError, "step"),
+    ({"shape": (4, -1)}, InvalidValueError, "shape"),
+    ({"shape": (4, 2.0)}, TypeError, "shape"),
+    ({"shape": 4}, TypeError, "shape"),
+    ({"shape": "44"}, TypeError, "shape"),
+    ({"shape": (2**20, 2**20)}, InvalidValueError, "shape"),
+    ({"dtype": torch.int64}, TypeError, "dtype"),
+    ({"dtype": "float32"}, TypeError, "dtype"),
 ])
 def test_bad_arguments_are_refused_naming_the_argument(kwargs, error, name):
-    call = dict(seed=0, indices=torch.arange(2), step=0, shape=(4,), device="cpu", dtype=torch.float32)
+    call = {"seed": 0, "indices": torch.arange(2), "step": 0, "shape": (4,), "device": "cpu", "dtype": torch.float32}
     call.update(kwargs)
     with pytest.raises(error, match=name):
         counter_normal(**call)
