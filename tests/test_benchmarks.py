@@ -103,3 +103,11 @@ def test_startup_benchmark_runs(tmp_path, capsys):
     assert {r["command"] for r in record["rows"]} == {"python", "import torch", "fpdm --help",
                                                       "fpdm sample (argument error)"}
     assert all(r["median_s"] > 0 for r in record["rows"]) and json.loads(out.read_text())["rows"]
+
+
+def test_noise_benchmark_tiny(tmp_path, capsys):
+    out = tmp_path / "noise.json"
+    record = _load("noise").main(["--tiny", "--device", "cpu", "--out", str(out)])
+    assert {r["method"] for r in record["rows"]} == {"per-sample generators", "counter_normal"}
+    assert all(r["median_ms"] > 0 for r in record["rows"]) and record["ratio_generators_over_counter"] > 0
+    assert json.loads(out.read_text())["shape"] == [4, 8, 8] and "counter_normal" in capsys.readouterr().out
