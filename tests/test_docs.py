@@ -76,7 +76,7 @@ def test_api_page_documents_every_public_name(site, package):
                  if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__all__" for t in node.targets)]
     assert len(public) >= 10
     for name in public:
-        # griffe reads a name that is also a submodule's (fixedpoint_diffusion.train) as the submodule, so such a
+        # griffe reads a name that is also a submodule's as the submodule (no such name today), so such a
         # name is documented by its full path instead.
         submodule = ROOT / "src" / package / name
         shadowed = submodule.with_suffix(".py").is_file() or (submodule / "__init__.py").is_file()

@@ -332,6 +332,7 @@ def test_no_progress_prints_plain_lines_a_log_can_follow(tmp_path, capsys):
     raw["train"].update(max_steps=4, log_every=2)
     fd.train(fd.load_config(raw), progress=False, log_lines=True)
     lines = capsys.readouterr().out.splitlines()
+    assert "intra-op thread" in lines.pop(0)  # a CPU run says how many threads it chose
     assert "step 1/4" in lines[0] and "steps/s" in lines[0] and "left" in lines[0]  # the first step, at once
     assert [line.split("] ")[1].split()[1] for line in lines if "loss" in line] == ["2/4", "4/4"]
     fd.train(fd.load_config({**raw, "train": {**raw["train"], "out_dir": str(tmp_path / "quiet")}}), progress=False)
