@@ -372,3 +372,17 @@ def test_pipeline_takes_diffusers_arguments_with_defaults():
         pipe(labels, num_images_per_prompt=2)
     with pytest.raises(ValueError, match="FPDMPipeline.get_label_ids: unknown label"):
         pipe.get_label_ids("tabby")
+
+
+def test_residual_plot_has_an_iterations_panel_only_when_iterations_vary(tmp_path):
+    from PIL import Image
+
+    model = _tiny_fpdm()
+    constant = fd.sample(model, [0, 1], budget=20, iterations_per_timestep=2, sampler="ddim")
+    adaptive = fd.sample(model, [0, 1], budget=20, iterations_per_timestep=2, allocation="increasing",
+                         sampler="ddim")
+    assert len(set(constant.iterations)) == 1 and len(set(adaptive.iterations)) > 1
+    fd.plot_residuals({"constant": constant}, str(tmp_path / "one.png"))
+    fd.plot_residuals({"constant": constant, "increasing": adaptive}, str(tmp_path / "two.png"))
+    with Image.open(tmp_path / "one.png") as one, Image.open(tmp_path / "two.png") as two:
+        assert one.width < 0.6 * two.width  # one panel (the count in its title) against two

@@ -329,25 +329,34 @@ def sample(model: Denoiser, class_labels: torch.Tensor | Sequence[int] | None, *
 
 def plot_residuals(outputs: dict[str, SampleOutput], path: str) -> None:
     """Per-timestep last-step residual ``Delta_t`` (mean over samples) for several runs, e.g. with and without
-    reuse (paper Fig. 6b/c), and the iterations each timestep spent; saved with matplotlib."""
+    reuse (paper Fig. 6b/c), and the iterations each timestep spent; saved with matplotlib. When every run spent
+    the same iterations at every timestep, that number goes into the title instead of a flat second panel."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for name, out in outputs.items():
-        if out.residuals is None:
-            continue
+    runs = {name: out for name, out in outputs.items() if out.residuals is not None}
+    counts = {k for out in runs.values() for k in out.iterations}
+    constant = len(counts) <= 1
+    fig, axes = plt.subplots(1, 1 if constant else 2, figsize=(5.5 if constant else 10, 3.6), squeeze=False)
+    ax1 = axes[0, 0]
+    for name, out in runs.items():
         ts = list(out.schedule.timesteps)
         ax1.plot(ts, out.residuals.mean(1).numpy(), marker=".", label=name)
-        ax2.plot(ts, out.iterations, marker=".", label=name)
-    ax1.set(xlabel="timestep t", ylabel=r"$\Delta_t$ (relative)", yscale="log", title="last-step residual")
-    ax2.set(xlabel="timestep t", ylabel="iterations", title="iterations per timestep")
-    for ax in (ax1, ax2):
+        if not constant:
+            axes[0, 1].plot(ts, out.iterations, marker=".", label=name)
+    title = "last-step residual" + (f" ({counts.pop()} iterations per timestep)" if len(counts) == 1 else "")
+    ax1.set(xlabel="timestep t", ylabel=r"$\Delta_t$ (relative)", yscale="log", title=title)
+    if not constant:
+        ax2 = axes[0, 1]
+        ax2.set(xlabel="timestep t", ylabel="iterations", title="iterations per timestep",
+                ylim=(0, max(max(out.iterations) for out in runs.values()) + 1))
+        ax2.yaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in axes.flat:
         ax.invert_xaxis()
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
