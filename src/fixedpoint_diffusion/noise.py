@@ -99,8 +99,8 @@ def _philox4x32_10(c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor | int, c
 
 
 def _uniform(x: torch.Tensor) -> torch.Tensor:
-    """Uniforms in the open interval (0, 1) from uint32 words (int64 ``x``, overwritten): the top 23 bits at the centre of their cell,
-    ``((x >> 9) + 0.5) * 2**-23``. A cell centre needs one bit more than the index, and float32 holds 24, so every
+    """Uniforms in the open interval (0, 1) from uint32 words (int64 ``x``, overwritten): the top 23 bits at the
+    centre of their cell, ``((x >> 9) + 0.5) * 2**-23``. A cell centre needs one bit more than the index, and float32 holds 24, so every
     value is exact (with 24 bits the top cell's centre rounds up to 1.0). Never 0, so ``log`` in Box-Muller is
     finite, and never 1. The smallest value, 2**-24, caps ``|z|`` at ``sqrt(48 ln 2)`` = 5.77, which a standard
     normal exceeds with probability 8e-9."""
@@ -108,13 +108,18 @@ def _uniform(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float32).add_(0.5).mul_(2.0**-23)
 
 
-def _check(seed: object, indices: object, step: object, shape: object, dtype: object) -> tuple[int, int, tuple]:
-    if isinstance(seed, bool):
-        raise TypeError(f"seed must be an int, got {seed!r}")
+def _as_int(value: object, what: str) -> int:
+    """``value`` as a Python int (numpy and torch integer scalars too); ``bool`` refused."""
+    if isinstance(value, bool):
+        raise TypeError(f"{what} must be an int, got {value!r}")
     try:
-        seed = operator.index(seed)
+        return operator.index(value)
     except TypeError:
-        raise TypeError(f"seed must be an int, got {type(seed).__name__} {seed!r}") from None
+        raise TypeError(f"{what} must be an int, got {type(value).__name__} {value!r}") from None
+
+
+def _check(seed: object, indices: object, step: object, shape: object, dtype: object) -> tuple[int, int, tuple]:
+    seed = _as_int(seed, "seed")
     if not isinstance(indices, torch.Tensor):
         raise TypeError(f"indices must be a 1-D integer torch.Tensor of sample indices, got {type(indices).__name__}")
     if indices.dtype == torch.bool or indices.dtype.is_floating_point or indices.dtype.is_complex:
@@ -125,12 +130,7 @@ def _check(seed: object, indices: object, step: object, shape: object, dtype: ob
     if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= _LIMIT32):
         raise InvalidValueError(f"indices must lie in [0, 2**32), got values in [{int(indices.min())}, "
                                 f"{int(indices.max())}]")
-    if isinstance(step, bool):
-        raise TypeError(f"step must be an int, got {step!r}")
-    try:
-        step = operator.index(step)
-    except TypeError:
-        raise TypeError(f"step must be an int, got {type(step).__name__} {step!r}") from None
+    step = _as_int(step, "step")
     if not 0 <= step < _LIMIT32:
         raise InvalidValueError(f"step must lie in [0, 2**32), got {step}")
     if isinstance(shape, (str, bytes)) or not isinstance(shape, Sequence):
