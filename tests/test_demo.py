@@ -181,6 +181,7 @@ def test_cli_prints_the_summary_table_and_where_the_report_is(toy_run, tmp_path,
     monkeypatch.setattr(DemoSettings, "default", classmethod(lambda cls, **kwargs: TOY))
     assert fpdm(["demo", "--out", str(tmp_path / "copy"), "--no-progress", "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
+    assert printed.startswith("[0:0")  # plain time lines, for logs, even without bars
     assert report_module.summary_table(record["pretrained"]["rows"]).splitlines()[0] in printed
     assert "Verdict" in printed and str(tmp_path / "copy" / "report.html") in printed
 

@@ -212,14 +212,16 @@ def _real_by_class(image_size: int, seed: int, rows: int = 8) -> np.ndarray:
 
 
 def run_demo(out: str | os.PathLike = "demo-results", *, settings: DemoSettings | None = None,
-             device: torch.device | str | None = None, progress: bool = True) -> dict[str, Any]:
+             device: torch.device | str | None = None, progress: bool = True,
+             log_lines: bool = False) -> dict[str, Any]:
     """Run (or resume) the demo into ``out`` and return the record also written to ``out/results.json``.
 
     Args:
         out: the results folder; created if missing. A folder holding a run with other settings is refused.
         settings: what to run (default: :meth:`DemoSettings.default` for ``device``).
         device: where to train and sample (default: CUDA if available, else CPU).
-        progress: progress bars and time lines.
+        progress: progress bars.
+        log_lines: plain lines with the elapsed time between stages (what a log of a run without bars shows).
 
     Raises:
         FileExistsError: ``out`` holds a demo run with different settings, or is a file.
@@ -249,14 +251,14 @@ def run_demo(out: str | os.PathLike = "demo-results", *, settings: DemoSettings 
         # machine with other work on it, and only about 1.4x slower on an idle one.
         torch.set_num_threads(1)
     try:
-        return _run(out, settings, wanted, device, progress)
+        return _run(out, settings, wanted, device, progress, log_lines)
     finally:
         torch.set_num_threads(threads)
 
 
 def _run(out: Path, settings: DemoSettings, wanted: dict[str, Any], device: torch.device,
-         progress: bool) -> dict[str, Any]:
-    clock = _Clock(quiet=not progress)
+         progress: bool, log_lines: bool) -> dict[str, Any]:
+    clock = _Clock(quiet=not log_lines)
     classifier = pretrained.classifier(device)
     scorer = Scorer.from_classifier(classifier, seed=settings.seed)
     baseline = scorer.real_baseline(settings.num_samples, seed=settings.seed)

@@ -32,7 +32,8 @@ def register(subparsers: Any) -> None:
                         f"{DEMO_CPU_MACS:g} on CPU, about 4 minutes; {DEMO_GPU_MACS:g}, the shipped pair's, on a GPU)")
     p.add_argument("--seed", type=int, default=0, help="seed of training and sampling")
     p.add_argument("--device", default=None, help="e.g. cpu, cuda (None: cuda if available, else cpu)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars or time lines")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars: only plain lines with the elapsed time between stages, for logs")
     p.set_defaults(func=run)
 
 
@@ -40,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
     settings = fd.DemoSettings.default(quick=args.quick, seed=args.seed, num_samples=args.samples,
                                        train_macs=args.train_macs, device=args.device)
     try:
-        record = fd.run_demo(args.out, settings=settings, device=args.device, progress=not args.no_progress)
+        record = fd.run_demo(args.out, settings=settings, device=args.device, progress=not args.no_progress,
+                             log_lines=True)
     except KeyboardInterrupt as err:
         print(f"fpdm demo: stopped ({err}); run the same command again to resume")
         return 130
