@@ -178,9 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.manual_seed(0)
         model = fd.create_model(name, input_size=args.latent).to(device).eval()
         if args.compile:
-            for module in model.modules():
-                if type(module).__name__ == "DiTBlock":
-                    module.compile()
+            model.compile_blocks()
         for budget in args.budgets:
             row = bench(name, model, budget, args, device, dtype)
             row["utilisation"] = row["tflops"] * 1e12 / peak

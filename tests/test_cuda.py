@@ -37,3 +37,21 @@ def test_solution_matches_cpu():
     gpu = fp.solve(lambda z: torch.tanh(z @ wc.T + xc), torch.zeros_like(xc), solver="anderson", rtol=1e-6)
     assert gpu.converged.all()
     torch.testing.assert_close(gpu.z.cpu(), cpu.z, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning:torch.*", "ignore::FutureWarning:torch.*")  # torch internals
+def test_sampling_compiles_the_blocks_by_default_on_cuda_and_matches_eager():
+    import copy
+
+    import fixedpoint_diffusion as fd
+
+    torch.manual_seed(0)
+    model = fd.create_model("FPDM-S/2", input_size=8, in_channels=3, num_classes=4, hidden_size=64,
+                            num_heads=2).cuda().eval()
+    eager_model = copy.deepcopy(model)
+    kwargs = {"budget": 20, "iterations_per_timestep": 2, "sampler": "ddim", "seed": 1}
+    compiled = fd.sample(model, [0, 1, 2, 3], **kwargs)
+    eager = fd.sample(eager_model, [0, 1, 2, 3], compile=False, **kwargs)
+    assert model.blocks_compiled and not eager_model.blocks_compiled
+    torch.testing.assert_close(compiled.samples, eager.samples, rtol=1e-3, atol=1e-4)
+    assert compiled.block_passes == eager.block_passes

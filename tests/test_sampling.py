@@ -386,3 +386,26 @@ def test_residual_plot_has_an_iterations_panel_only_when_iterations_vary(tmp_pat
     fd.plot_residuals({"constant": constant, "increasing": adaptive}, str(tmp_path / "two.png"))
     with Image.open(tmp_path / "one.png") as one, Image.open(tmp_path / "two.png") as two:
         assert one.width < 0.6 * two.width  # one panel (the count in its title) against two
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::DeprecationWarning:torch.*", "ignore::FutureWarning:torch.*")  # torch internals
+def test_compiled_blocks_sample_like_eager_with_the_same_accounting():
+    """compile=True (the CUDA default) compiles the blocks in place, once; samples, iterations and block passes
+    equal the eager ones (to float tolerance: compiled kernels sum in another order)."""
+    import copy
+
+    eager_model = _tiny_fpdm()
+    compiled_model = copy.deepcopy(eager_model)
+    kwargs = {"budget": 20, "iterations_per_timestep": 2, "sampler": "ddim", "seed": 5}
+    eager = fd.sample(eager_model, [0, 1, 2], **kwargs)  # CPU: compile=None leaves the model eager
+    assert not eager_model.blocks_compiled
+    compiled = fd.sample(compiled_model, [0, 1, 2], compile=True, **kwargs)
+    assert compiled_model.blocks_compiled
+    torch.testing.assert_close(compiled.samples, eager.samples, rtol=1e-4, atol=1e-5)
+    assert (compiled.block_passes, compiled.iterations) == (eager.block_passes, eager.iterations)
+    assert compiled_model.state_dict().keys() == eager_model.state_dict().keys()
+    again = fd.sample(compiled_model, [0, 1, 2], compile=True, **kwargs)  # compiled once, not again
+    torch.testing.assert_close(again.samples, compiled.samples, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="compile must be a bool or None"):
+        fd.sample(eager_model, [0], compile="yes", **kwargs)

@@ -101,7 +101,26 @@ class _Transformer(ModelMixin, ConfigMixin):
 
             kwargs["low_cpu_mem_usage"] = importlib.util.find_spec("accelerate") is not None
         return super().from_pretrained(*args, **kwargs)
+
     gradient_checkpointing = False
+
+    @property
+    def blocks_compiled(self) -> bool:
+        """Whether :meth:`compile_blocks` has run on this model."""
+        return bool(getattr(self, "_blocks_compiled", False))
+
+    def compile_blocks(self, **options: Any) -> _Transformer:
+        """``torch.compile`` every transformer block in place (``nn.Module.compile``, so parameter names and
+        state dicts stay as they are) and return the model; once per model, later calls do nothing. The
+        fixed-point loop around the FPDM block stays eager, so the number of iterations per call can vary without
+        recompiling. ``options`` go to ``torch.compile``. The first forward of each new input shape pays the
+        compilation."""
+        if not self.blocks_compiled:
+            for module in self.modules():
+                if isinstance(module, DiTBlock):
+                    module.compile(**options)
+            self._blocks_compiled = True
+        return self
 
     def _run_block(self, block: DiTBlock, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         if self.gradient_checkpointing and torch.is_grad_enabled():

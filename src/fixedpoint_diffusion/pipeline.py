@@ -138,7 +138,8 @@ class FPDMPipeline(DiffusionPipeline):
             budget, iterations_per_timestep: the compute budget (block passes per image) and FPDM's iterations
                 per timestep, as in :func:`~fixedpoint_diffusion.plan`.
             sampling: other :func:`~fixedpoint_diffusion.sample` options (``allocation``, ``sampler``, ``eta``,
-                ``reuse``, ``guidance_channels``, ``tol``, ``ratio``, ``indices``, ``progress``).
+                ``reuse``, ``guidance_channels``, ``tol``, ``ratio``, ``indices``, ``progress``, ``compile``: the
+                transformer's blocks are compiled on CUDA unless ``compile=False``).
 
         Raises:
             TypeError: an argument this pipeline does not take (named).
@@ -185,4 +186,4 @@ class FPDMPipeline(DiffusionPipeline):
 
 
 _SAMPLE_OPTIONS = frozenset({"allocation", "sampler", "eta", "reuse", "guidance_channels", "tol", "ratio", "indices",
-                             "progress", "schedule", "num_timesteps"})
+                             "progress", "schedule", "num_timesteps", "compile"})

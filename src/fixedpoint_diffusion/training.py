@@ -294,9 +294,7 @@ class Trainer:
             model.enable_gradient_checkpointing()
         if tr.compile:
             self._say("compiling the transformer blocks (torch.compile): the first step includes the compilation")
-            for module in model.modules():
-                if type(module).__name__ == "DiTBlock":
-                    module.compile()
+            model.compile_blocks()
         self.diffusion = cfg.diffusion.build(learn_sigma=model.config.learn_sigma).to(self.device)
         objective = Objective(model, self.diffusion, autocast, self.device.type)
         if dist.is_initialized():

@@ -53,6 +53,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--reuse", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse each timestep's fixed-point solution to start the next (default on)")
     p.add_argument("--device", default=None, help="e.g. cpu, cuda:1 (None: cuda:LOCAL_RANK if available, else cpu)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the transformer blocks (None: on CUDA; the first batch pays the compilation)")
     p.add_argument("--dry-run", action="store_true", help="print the schedule and its cost, run nothing")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the results of an earlier run in --out (refused otherwise)")
@@ -121,6 +123,10 @@ def run(args: argparse.Namespace) -> int:
     model, diffusion = fd.load_model(args.model, device=device, weights="model" if args.weights == "model" else True,
                                      what="--model")
     diffusion.to(device)
+    compile_blocks = device.type == "cuda" if args.compile is None else args.compile
+    if compile_blocks:
+        print("compiling the transformer blocks (torch.compile; --no-compile to skip): the first batch includes "
+              "the compilation", flush=True)
     vae = None
     if args.vae is not None:
         vae = fd.load_vae(args.vae, subfolder=args.vae_subfolder, device=device)
@@ -128,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
         model, diffusion, schedule, args.out, num_samples=args.num_samples, batch_size=args.batch_size,
         classes=classes, seed=args.seed, sampler=args.sampler, eta=args.eta, guidance_scale=args.cfg_scale,
         guidance_channels=args.guidance_channels, reuse=args.reuse, vae=vae, device=device,
-        overwrite=args.overwrite, progress=not args.no_progress, log_lines=args.no_progress,
+        overwrite=args.overwrite, progress=not args.no_progress, log_lines=args.no_progress, compile=compile_blocks,
         settings={k: v for k, v in vars(args).items() if k != "func"})
     if summary.block_passes_per_image is not None:  # rank 0
         spent = summary.block_passes_per_image
