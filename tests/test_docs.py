@@ -147,7 +147,8 @@ def test_index_python_example_runs(capsys):
 
 def test_concepts_python_example_runs(capsys):
     blocks = _python_blocks("concepts.md")
-    assert len(blocks) == 1
+    # the second is the CUDA-graph recipe, which tests/test_cuda.py runs on a GPU
+    assert len(blocks) == 2 and 'mode="reduce-overhead"' in blocks[1]
     namespace: dict = {}
     exec(compile(blocks[0], "docs/concepts.md", "exec"), namespace)  # noqa: S102 - the docs' own example
     sol, A, b = namespace["sol"], namespace["A"], namespace["b"]
