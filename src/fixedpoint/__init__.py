@@ -1,5 +1,6 @@
 """Differentiable fixed points for PyTorch: solvers, backward modes and a deep-equilibrium layer."""
 
+from . import checks
 from ._config import from_config, to_config
 from ._penalty import jacobian_penalty
 from ._solution import Solution, Status

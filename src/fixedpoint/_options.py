@@ -46,31 +46,31 @@ def is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def check_int(value: object, what: str, minimum: int = 0) -> int:
-    """``value`` if it is an int ``>= minimum``; else ``ValueError`` naming ``what``."""
+def check_int(value: object, what: str, minimum: int = 0, *, error: type[ValueError] = ValueError) -> int:
+    """``value`` if it is an int ``>= minimum``; else ``error`` (a ``ValueError`` subclass) naming ``what``."""
     if not (is_int(value) and value >= minimum):  # type: ignore[operator]
-        raise ValueError(f"{what} must be an int >= {minimum}, got {value!r}")
+        raise error(f"{what} must be an int >= {minimum}, got {value!r}")
     return value  # type: ignore[return-value]
 
 
-def check_tol(value: object, what: str) -> float:
-    """``value`` as a float if it is a finite number ``>= 0`` (a tolerance, a ridge); else ``ValueError``."""
+def check_tol(value: object, what: str, *, error: type[ValueError] = ValueError) -> float:
+    """``value`` as a float if it is a finite number ``>= 0`` (a tolerance, a ridge); else ``error``."""
     if not (is_number(value) and math.isfinite(value) and value >= 0):  # type: ignore[arg-type,operator]
-        raise ValueError(f"{what} must be a finite number >= 0, got {value!r}")
+        raise error(f"{what} must be a finite number >= 0, got {value!r}")
     return float(value)  # type: ignore[arg-type]
 
 
-def check_positive(value: object, what: str) -> float:
-    """``value`` as a float if it is a finite number ``> 0``; else ``ValueError``."""
+def check_positive(value: object, what: str, *, error: type[ValueError] = ValueError) -> float:
+    """``value`` as a float if it is a finite number ``> 0``; else ``error``."""
     if not (is_number(value) and math.isfinite(value) and value > 0):  # type: ignore[arg-type,operator]
-        raise ValueError(f"{what} must be a finite number > 0, got {value!r}")
+        raise error(f"{what} must be a finite number > 0, got {value!r}")
     return float(value)  # type: ignore[arg-type]
 
 
-def check_fraction(value: object, what: str) -> float:
-    """``value`` as a float if it is a number in ``(0, 1]`` (a damping); else ``ValueError``."""
+def check_fraction(value: object, what: str, *, error: type[ValueError] = ValueError) -> float:
+    """``value`` as a float if it is a number in ``(0, 1]`` (a damping); else ``error``."""
     if not (is_number(value) and 0.0 < value <= 1.0):  # type: ignore[operator]
-        raise ValueError(f"{what} must be a number in (0, 1], got {value!r}")
+        raise error(f"{what} must be a number in (0, 1], got {value!r}")
     return float(value)  # type: ignore[arg-type]
 
 

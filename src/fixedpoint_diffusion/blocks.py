@@ -13,8 +13,16 @@ from torch import nn
 
 from .errors import InvalidValueError
 
-__all__ = ["DiTBlock", "FinalLayer", "LabelEmbedder", "PatchEmbed", "TimestepEmbedder", "modulate",
-           "sincos_pos_embed_2d"]
+__all__ = [
+    "DiTBlock",
+    "FinalLayer",
+    "LabelEmbedder",
+    "PatchEmbed",
+    "TimestepEmbedder",
+    "block_macs",
+    "modulate",
+    "sincos_pos_embed_2d",
+]
 
 
 def modulate(h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -152,3 +160,9 @@ class FinalLayer(nn.Module):
     def forward(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
         return self.linear(modulate(self.norm_final(h), shift, scale))
+
+
+def block_macs(tokens: int, dim: int, mlp_ratio: float) -> int:
+    """MACs of one DiT block for one sample: qkv, QK^T, AV, proj, MLP, and the adaLN projection of ``c``."""
+    hidden = int(dim * mlp_ratio)
+    return 4 * tokens * dim * dim + 2 * tokens * tokens * dim + 2 * tokens * dim * hidden + 6 * dim * dim

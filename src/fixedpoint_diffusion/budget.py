@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from fixedpoint.checks import check_int
+
 from .errors import InvalidValueError
 
 __all__ = ["ALLOCATIONS", "DEFAULT_ITERATIONS_PER_TIMESTEP", "DEFAULT_NUM_TIMESTEPS", "Schedule",
@@ -161,8 +163,8 @@ def plan(model: Any = None, *, budget: int | None = None, iterations_per_timeste
     explicit = explicit_passes if model is None else _explicit_passes(model)
     for name, value in (("budget", budget), ("iterations_per_timestep", iterations_per_timestep),
                         ("num_timesteps", num_timesteps)):
-        if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-            raise InvalidValueError(f"{name} must be an int >= 1, got {value!r}")
+        if value is not None:
+            check_int(value, name, 1, error=InvalidValueError)
     custom = None
     if not isinstance(allocation, str):
         custom = list(allocation) if isinstance(allocation, (list, tuple)) else None

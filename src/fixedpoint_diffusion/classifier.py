@@ -13,6 +13,8 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from fixedpoint.checks import check_int
+
 from ._files import write_atomic
 from .data import Shapes
 from .errors import InvalidValueError, MissingInputError
@@ -111,8 +113,7 @@ def train_classifier(image_size: int = 16, *, steps: int = 400, batch_size: int 
 
     for name, value, minimum in [("image_size", image_size, 1), ("steps", steps, 1), ("batch_size", batch_size, 1),
                                  ("num_train", num_train, 1), ("num_test", num_test, 1)]:
-        if not (isinstance(value, int) and not isinstance(value, bool) and value >= minimum):
-            raise InvalidValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+        check_int(value, name, minimum, error=InvalidValueError)
     device = torch.device(device or "cpu")
     train = Shapes(num_train, image_size, seed=1_000_003 + seed)
     test = Shapes(num_test, image_size, seed=2_000_003 + seed)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import tempfile
 import time
 from collections.abc import Mapping
@@ -28,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from fixedpoint.checks import check_int, check_positive
 
 from .config import Config
 from .errors import InvalidValueError
@@ -155,8 +156,7 @@ def _training_macs_per_step(config: Config) -> float:
 def training_steps(configs: Mapping[str, Config], macs: float) -> dict[str, int]:
     """Optimizer steps that spend ``macs`` training multiply-accumulates in each config (at least one), from the
     models' expected cost per step (:meth:`FPDM.training_macs <fixedpoint_diffusion.FPDM.training_macs>`)."""
-    if not (isinstance(macs, (int, float)) and not isinstance(macs, bool) and math.isfinite(macs) and macs > 0):
-        raise InvalidValueError(f"macs must be a finite number > 0, got {macs!r}")
+    check_positive(macs, "macs", error=InvalidValueError)
     return {name: max(1, round(macs / _training_macs_per_step(cfg))) for name, cfg in configs.items()}
 
 
@@ -177,8 +177,7 @@ def train_equal_compute(configs: Mapping[str, Config], macs: float, *, device: t
         KeyboardInterrupt: a run was stopped by Ctrl-C or SIGTERM (after writing its checkpoint); the configs
             after it are not started.
     """
-    if not (isinstance(checkpoints, int) and not isinstance(checkpoints, bool) and checkpoints >= 1):
-        raise InvalidValueError(f"checkpoints must be an int >= 1, got {checkpoints!r}")
+    check_int(checkpoints, "checkpoints", 1, error=InvalidValueError)
     steps = training_steps(configs, macs)
     summaries = {}
     for name, config in configs.items():

@@ -23,6 +23,8 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm.auto import tqdm
 
+from fixedpoint.checks import check_int
+
 from ._files import write_atomic, write_json_atomic
 from ._runtime import check_writable_folder, init_distributed, seed_from, world_size
 from .budget import Schedule
@@ -94,8 +96,7 @@ def sample_to_folder(model: torch.nn.Module, diffusion: Diffusion, schedule: Sch
         settings: recorded in ``diagnostics.json`` (the command line's options, say).
     """
     for name, value in (("num_samples", num_samples), ("batch_size", batch_size)):
-        if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-            raise InvalidValueError(f"{name} must be an int >= 1, got {value!r}")
+        check_int(value, name, 1, error=InvalidValueError)
     out = Path(out)
     check_output_folder(out, overwrite=overwrite)
     world = world_size()
