@@ -87,7 +87,7 @@ def run(args) -> dict:
     else:
         scorer = Scorer.build(image_size, args.work, num_reference=args.reference, seed=args.seed,
                               device=args.device, classifier_steps=20)
-    models = {name: fd.load_model(Path(cfg.train.out_dir) / "ema", device=args.device) for name, cfg in configs.items()}
+    models = {name: fd.load_model(cfg.train.out_dir, device=args.device) for name, cfg in configs.items()}
     plan: list[tuple[str, Setting]] = []
     for budget in args.budgets:
         plan.append(("budget", Setting("DiT", budget)))

@@ -110,7 +110,7 @@ def trained_model(args: argparse.Namespace, device: torch.device) -> tuple[fd.FP
         raise KeyboardInterrupt(f"training was interrupted at step {summary.step}; run again to resume")
     training = {"run_dir": str(run_dir), "steps": summary.step, "train_seconds": summary.train_seconds,
                 "final_loss": (summary.last_metrics or {}).get("loss")}
-    model, diffusion = load_model(run_dir / "ema", device=device)
+    model, diffusion = load_model(run_dir, device=device)
     return model, diffusion, training
 
 

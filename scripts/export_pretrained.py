@@ -21,7 +21,7 @@ import torch
 
 from fixedpoint_diffusion import pretrained
 from fixedpoint_diffusion.config import Config
-from fixedpoint_diffusion.runs import load_model
+from fixedpoint_diffusion.runs import RunFolder, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,17 +34,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu (2-core VM, 1 intra-op thread)")
     args = parser.parse_args(argv)
 
-    config = Config.from_dict(json.loads((args.run / "config.json").read_text()))
-    summary = json.loads((args.run / "summary.json").read_text())
-    ema = args.run / "ema"
-    step = json.loads((ema / "training_step.json").read_text())["step"]
+    run = RunFolder(args.run)
+    config = Config.from_dict(json.loads(run.config_file.read_text()))
+    summary = json.loads(run.summary_file.read_text())
+    ema, step = run.ema, run.ema_step()
     if step != config.train.max_steps:
         sys.exit(f"{ema} is at step {step}, the run's max_steps is {config.train.max_steps}: finish the run first")
     model, _ = load_model(ema)
     bad = [name for name, p in model.state_dict().items() if not torch.isfinite(p).all()]
     if bad:
         sys.exit(f"{ema} holds non-finite weights ({', '.join(bad[:5])}): not exported")
-    log = [json.loads(line) for line in (args.run / "log.jsonl").read_text().splitlines() if line]
+    log = run.read_log()
     target = ROOT / "src" / "fixedpoint_diffusion" / "pretrained" / args.name
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

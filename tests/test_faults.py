@@ -118,3 +118,15 @@ def test_cli_diverging_run_exits_nonzero_with_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1 and "non-finite at step" in err[0]
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "ema").exists()
+
+
+def test_load_model_takes_the_run_folder_itself(tmp_path):
+    """A run folder loads its ema/ model (the same weights and diffusion as naming ema/ directly)."""
+    raw = micro_raw(tmp_path / "run")
+    raw["train"].update(max_steps=2)
+    fd.train(fd.load_config(raw), progress=False)
+    (a, da), (b, db) = load_model(tmp_path / "run"), load_model(tmp_path / "run" / "ema")
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    assert dict(da.config) == dict(db.config)
+    entries = fd.RunFolder(tmp_path / "run").read_log()
+    assert [e["step"] for e in entries] == [2] and fd.RunFolder(tmp_path / "run").ema_step() == 2

@@ -43,7 +43,7 @@ from .evaluation import HELD_OUT_SEED
 from .experiment import train_equal_compute, training_steps
 from .pipeline import image_grid, to_uint8
 from .report import html_report, markdown_report, plot_quality, plot_reuse_residuals, plot_training, write_record
-from .runs import load_model
+from .runs import RunFolder, load_model
 from .sampling import sample
 from .scoring import Scorer, Setting, bootstrap, paired_difference, score_settings
 
@@ -370,14 +370,14 @@ def _train_part(out: Path, settings: DemoSettings, scorer, device, progress, clo
 
     summaries = train_equal_compute(configs, settings.train_macs, device=device, progress=progress,
                                     hooks={name: [snapshot(name)] for name in configs})
-    models = {name: load_model(s.out_dir / "ema", device=device) for name, s in summaries.items()}
+    models = {name: load_model(s.out_dir, device=device) for name, s in summaries.items()}
     todo = [Setting("DiT", snapshot_budget), Setting("FPDM", snapshot_budget, 2)]
     clock.say(f"part 2: scoring both at budget {snapshot_budget}")
     rows = score_settings(models, todo, scorer, num_samples=settings.num_samples, seed=settings.seed, device=device,
                           folder=out / "part2")
     runs = {}
     for name, summary in summaries.items():
-        log = [json.loads(line) for line in (summary.out_dir / "log.jsonl").read_text().splitlines() if line]
+        log = RunFolder(summary.out_dir).read_log()
         runs[name] = {"steps": summary.step, "train_seconds": summary.train_seconds,
                       "final_loss": (summary.last_metrics or {}).get("loss", log[-1]["loss"] if log else math.nan),
                       "macs_per_step": settings.train_macs / steps[name], "log": log}

@@ -105,6 +105,18 @@ class RunFolder:
         step_file = self.ema / "training_step.json"
         return json.loads(step_file.read_text()).get("step") if step_file.is_file() else None
 
+    def read_log(self) -> list[dict[str, Any]]:
+        """The entries of ``log.jsonl`` in order (a line cut short by a kill is skipped)."""
+        if not self.log_file.is_file():
+            return []
+        entries = []
+        for line in self.log_file.read_text().splitlines():
+            try:
+                entries.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return entries
+
     def write_config(self, config: dict[str, Any]) -> None:
         write_json_atomic(self.config_file, config)
 
@@ -164,9 +176,10 @@ def load_model(path: str | os.PathLike, *, weights: bool | str = True, device: s
     """A trained DiT/FPDM and the :class:`~fixedpoint_diffusion.Diffusion` it was trained with.
 
     Args:
-        path: a model folder (a run's ``ema/``, or any DiT/FPDM ``save_pretrained`` folder; its diffusion settings
-            come from ``diffusion.json`` beside the weights, or the run folder's ``config.json``, the paper's
-            defaults otherwise), or a training checkpoint file ``checkpoints/step-XXXXXXXX.pt``.
+        path: a run folder (its ``ema/`` model is loaded), a model folder (a run's ``ema/``, or any DiT/FPDM
+            ``save_pretrained`` folder; its diffusion settings come from ``diffusion.json`` beside the weights, or
+            the run folder's ``config.json``, the paper's defaults otherwise), or a training checkpoint file
+            ``checkpoints/step-XXXXXXXX.pt``.
         weights: ``False`` builds the model on the meta device, for planning only. With a checkpoint file,
             ``"model"`` loads the raw training weights instead of the EMA ones.
         device: where the model goes.
@@ -175,6 +188,9 @@ def load_model(path: str | os.PathLike, *, weights: bool | str = True, device: s
     path = Path(path)
     if path.is_file():
         return _load_checkpoint_file(path, weights, device, what)
+    run = RunFolder(path)
+    if run.ema.is_dir() and not (path / "diffusion_pytorch_model.safetensors").is_file():
+        path = run.ema
     cls = _model_class(path, what)
     if weights:
         files = [f for f in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")

@@ -532,7 +532,7 @@ class Trainer:
                                steps_per_s=(self.step - start) / elapsed if elapsed > 0 else 0.0,
                                last_metrics=last_metrics, parameters=parameters, peak_memory_bytes=peak,
                                out_dir=self.out_dir, checkpoint=last_ckpt,
-                               ema_dir=self.out_dir / "ema" if last_ckpt is not None else None)
+                               ema_dir=self.run_folder.ema if last_ckpt is not None else None)
         if is_main:
             self.run_folder.write_summary({k: (str(v) if isinstance(v, Path) else v) for k, v in vars(summary).items()})
         return summary
