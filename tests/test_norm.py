@@ -441,6 +441,9 @@ def _ddp_worker(rank: int, folder: str) -> None:
         x, y = _batch(batch=8)
         _ddp_train(ddp, x[rank * 4:(rank + 1) * 4], y[rank * 4:(rank + 1) * 4], steps=3)
         torch.save(net.state_dict(), os.path.join(folder, f"rank{rank}.pt"))
+        # Both ranks done before either tears gloo down: a rank that left while its peer was still in the last
+        # collective aborted once in a full-suite run ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -133,6 +133,7 @@ def sample_to_folder(model: torch.nn.Module, diffusion: Diffusion, schedule: Sch
             plot_residuals({f"reuse={'on' if reuse else 'off'} (first batch)": runs[0]}, str(out / "residuals.png"))
         spent = sum(r.block_passes * r.samples.shape[0] for r in runs) / max(1, sum(r.samples.shape[0] for r in runs))
     if dist.is_initialized():
+        dist.barrier()  # every rank leaves together, after rank 0 has gathered the folder
         dist.destroy_process_group()
     return FolderSummary(out=out, num_samples=num_samples, block_passes_per_image=spent,
                          planned_block_passes=schedule.block_passes)
