@@ -77,7 +77,7 @@ def bench(name: str, model: torch.nn.Module, budget: int, args, device: torch.de
     def run():
         with _autocast(device, dtype):
             return fd.sample(model, labels, diffusion=diffusion, schedule=schedule, sampler="ddim", reuse=True,
-                             device=device)
+                             device=device, compile=args.compile)  # eager unless --compile, on every device
 
     run()  # warm-up (and compilation)
     times, out = [], None

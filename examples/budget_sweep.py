@@ -152,7 +152,8 @@ def run_setting(model: fd.FPDM, diffusion: fd.Diffusion, args: argparse.Namespac
     start = time.perf_counter()
     for idx in fd.batches_for_rank(args.num_samples, args.batch_size):
         out = fd.sample(model, labels[idx.start:idx.stop], diffusion=diffusion, schedule=schedule,
-                        sampler=args.sampler, reuse=args.reuse, seed=args.seed, indices=idx, device=device)
+                        sampler=args.sampler, reuse=args.reuse, seed=args.seed, indices=idx, device=device,
+                        compile=False)  # timed per setting: a compilation would land in the first one
         images.append(out.samples)
         residuals.append(out.residuals)  # (timesteps, batch)
         spent_passes.append(out.block_passes)

@@ -363,7 +363,7 @@ def _train_part(out: Path, settings: DemoSettings, scorer, device, progress, clo
             if state.step in marks:
                 result = sample(trainer.ema, labels, diffusion=trainer.diffusion, budget=snapshot_budget,
                                 iterations_per_timestep=2 if name == "FPDM" else None, sampler="ddim",
-                                seed=settings.seed, device=trainer.device)
+                                seed=settings.seed, device=trainer.device, compile=False)  # the EMA, mid-training
                 _save_png(_grid(to_uint8(result.samples)), out / "grids" / f"train-{name}-{state.step:06d}.png")
 
         return hook

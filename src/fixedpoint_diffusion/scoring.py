@@ -155,8 +155,9 @@ class Scorer:
         start = time.perf_counter()
         for lo in range(0, num_samples, batch_size):
             idx = range(lo, min(lo + batch_size, num_samples))
+            # Eager unless asked: these small models sample in seconds, and compiling each batch shape costs more.
             out = sample(model, labels[idx.start:idx.stop], diffusion=diffusion, seed=seed, indices=idx,
-                         device=device, **sampling)
+                         device=device, **{"compile": False, **sampling})
             images.append(to_uint8(out.samples))
             if out.residuals is not None:
                 residuals.append(out.residuals.float().cpu())
