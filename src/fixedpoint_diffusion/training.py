@@ -22,6 +22,7 @@ lives elsewhere: the run folder in :mod:`~fixedpoint_diffusion.runs`, trackers i
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import math
 import time
@@ -568,6 +569,11 @@ def train(config: Config, *, resume: bool = False, device: str | torch.device | 
     try:
         return trainer.run()
     finally:
+        # The DDP wrapper goes first, while the process group is still registered: dropped after it, the wrapper's
+        # reducer held the group's last reference, and its destructor (joining gloo's threads while this thread
+        # held the GIL) deadlocked a 2-process CPU run at exit.
+        trainer.objective = None
+        gc.collect()  # the wrapper sits in reference cycles: free it now, not at some later collection
         if dist.is_initialized():
             dist.destroy_process_group()
 
