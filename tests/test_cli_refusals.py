@@ -252,3 +252,16 @@ def test_input_error_types_are_also_the_builtin_ones():
     assert issubclass(fd.NotWritableError, PermissionError)
     assert all(issubclass(e, fd.InputError) for e in (fd.InvalidValueError, fd.MissingInputError,
                                                       fd.OutputExistsError, fd.NotWritableError))
+
+
+def test_sample_refuses_a_vae_folder_without_a_config_before_reading_weights(tmp_path, capsys, monkeypatch):
+    import fixedpoint_diffusion as fd
+
+    def never(*args, **kwargs):
+        raise AssertionError("weights were read before the --vae folder was checked")
+
+    real = fd.load_model
+    monkeypatch.setattr(fd, "load_model", lambda *a, **k: real(*a, **k) if k.get("weights") is False else never())
+    assert fpdm(["sample", "--model", str(pretrained.path("shapes-fpdm")), "--vae", str(tmp_path / "no-vae"),
+                 "--out", str(tmp_path / "run")]) == 2
+    assert "--vae" in _error(capsys) and not (tmp_path / "run").exists()

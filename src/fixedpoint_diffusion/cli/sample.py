@@ -9,7 +9,7 @@ from typing import Any
 
 import fixedpoint_diffusion as fd
 
-from .._runtime import default_device
+from .._runtime import default_device, is_rank_zero
 from ..errors import InvalidValueError
 
 # The planner's argument names, as this command's flags (its errors are reworded with them).
@@ -115,6 +115,8 @@ def run(args: argparse.Namespace) -> int:
     if model.config.in_channels != 3 and args.vae is None and not args.dry_run:
         raise InvalidValueError(f"the model has {model.config.in_channels} input channels (a latent model): give "
                                 f"--vae, a local AutoencoderKL folder, to decode its samples")
+    if args.vae is not None and not args.dry_run:
+        fd.data.check_vae_folder(args.vae, args.vae_subfolder, what="--vae")  # before the weights are read
     if args.dry_run:
         print(schedule.describe())
         print(f"{args.num_samples} samples: {schedule.block_passes * args.num_samples} block passes in all")
@@ -124,12 +126,12 @@ def run(args: argparse.Namespace) -> int:
                                      what="--model")
     diffusion.to(device)
     compile_blocks = device.type == "cuda" if args.compile is None else args.compile
-    if compile_blocks:
+    if compile_blocks and is_rank_zero():
         print("compiling the transformer blocks (torch.compile; --no-compile to skip): the first batch includes "
               "the compilation", flush=True)
     vae = None
     if args.vae is not None:
-        vae = fd.load_vae(args.vae, subfolder=args.vae_subfolder, device=device)
+        vae = fd.load_vae(args.vae, subfolder=args.vae_subfolder, device=device, what="--vae")
     summary = fd.sample_to_folder(
         model, diffusion, schedule, args.out, num_samples=args.num_samples, batch_size=args.batch_size,
         classes=classes, seed=args.seed, sampler=args.sampler, eta=args.eta, guidance_scale=args.cfg_scale,
