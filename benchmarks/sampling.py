@@ -68,16 +68,23 @@ def _autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def bench(name: str, model: torch.nn.Module, budget: int, args, device: torch.device, dtype: torch.dtype) -> dict:
+#: ``--samplers`` variants: (sampler, noise). DDPM draws fresh noise at every timestep, from per-sample CPU generators
+#: (the default) or from ``counter_normal`` on the device.
+SAMPLERS = {"ddim": ("ddim", "generators"), "ddpm": ("ddpm", "generators"), "ddpm-counter": ("ddpm", "counter")}
+
+
+def bench(name: str, model: torch.nn.Module, budget: int, args, device: torch.device, dtype: torch.dtype,
+          variant: str = "ddim") -> dict:
     fpdm = isinstance(model, fd.FPDM)
     schedule = fd.plan(model, budget=budget, iterations_per_timestep=args.iters if fpdm else None)
     labels = torch.arange(args.batch) % model.config.num_classes
     diffusion = fd.Diffusion(learn_sigma=model.config.learn_sigma)
+    sampler, noise = SAMPLERS[variant]
 
     def run():
         with _autocast(device, dtype):
-            return fd.sample(model, labels, diffusion=diffusion, schedule=schedule, sampler="ddim", reuse=True,
-                             device=device, compile=args.compile)  # eager unless --compile, on every device
+            return fd.sample(model, labels, diffusion=diffusion, schedule=schedule, sampler=sampler, noise=noise,
+                             reuse=True, device=device, compile=args.compile)  # eager unless --compile
 
     run()  # warm-up (and compilation)
     times, out = [], None
@@ -109,7 +116,7 @@ def bench(name: str, model: torch.nn.Module, budget: int, args, device: torch.de
         _sync(device)
         bare.append(time.perf_counter() - start)
     flops = 2 * out.macs
-    return {"model": name, "budget": budget, "num_steps": schedule.num_timesteps,
+    return {"model": name, "sampler": variant, "budget": budget, "num_steps": schedule.num_timesteps,
             "iters_per_step": args.iters if fpdm else None, "block_passes": out.block_passes,
             "batch": args.batch, "seconds": seconds, "images_per_s": args.batch / seconds,
             "gflop_per_image": flops / args.batch / 1e9, "tflops": flops / seconds / 1e12,
@@ -121,10 +128,14 @@ def plot(record: dict, out: Path) -> Path:
     rows = record["rows"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     budgets = sorted({r["budget"] for r in rows})
-    models = list(dict.fromkeys(r["model"] for r in rows))
+    several = len({r.get("sampler", "ddim") for r in rows}) > 1
+    def label(r: dict) -> str:
+        return f"{r['model']} {r.get('sampler', 'ddim')}" if several else r["model"]
+
+    models = list(dict.fromkeys(label(r) for r in rows))
     width = 0.8 / len(models)
     for i, model in enumerate(models):
-        by_budget = {r["budget"]: r for r in rows if r["model"] == model}
+        by_budget = {r["budget"]: r for r in rows if label(r) == model}
         xs = [j + i * width for j in range(len(budgets))]
         axes[0].bar(xs, [by_budget[b]["images_per_s"] for b in budgets], width, label=model)
         axes[1].bar(xs, [100 * by_budget[b]["utilisation"] for b in budgets], width, label=model)
@@ -148,6 +159,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
                    help="autocast dtype (default bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
+    p.add_argument("--samplers", nargs="+", choices=sorted(SAMPLERS), default=["ddim"],
+                   help="sampler variants timed side by side (ddpm-counter: DDPM with counter_normal noise)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default=None)
     p.add_argument("--tiny", action="store_true")
@@ -180,24 +193,30 @@ def main(argv: list[str] | None = None) -> dict:
         if args.compile:
             model.compile_blocks()
         for budget in args.budgets:
-            row = bench(name, model, budget, args, device, dtype)
-            row["utilisation"] = row["tflops"] * 1e12 / peak
-            rows.append(row)
+            for variant in args.samplers:
+                row = bench(name, model, budget, args, device, dtype, variant)
+                row["utilisation"] = row["tflops"] * 1e12 / peak
+                rows.append(row)
         del model
     for row in rows:
-        base = next((r for r in rows if r["model"].startswith("DiT") and r["budget"] == row["budget"]), None)
+        base = next((r for r in rows if r["model"].startswith("DiT") and r["budget"] == row["budget"]
+                     and r["sampler"] == row["sampler"]), None)
         row["throughput_vs_dit"] = row["images_per_s"] / base["images_per_s"] if base else None
+        ddim = next((r for r in rows if r["model"] == row["model"] and r["budget"] == row["budget"]
+                     and r["sampler"] == "ddim"), None)
+        row["throughput_vs_ddim"] = row["images_per_s"] / ddim["images_per_s"] if ddim else None
     record = _common.environment("benchmarks/sampling.py", argv, device)
     record.update(dtype=str(dtype).replace("torch.", ""), peak_tflops=peak / 1e12,
                   settings={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, rows=rows)
     print(f"{record['device_name']}; {record['dtype']}; measured matmul peak {peak / 1e12:.2f} TFLOP/s; "
           f"{record['date']}")
-    print("| model | budget | steps | k | images/s | x DiT | GFLOP/image | TFLOP/s | % of peak | denoiser share |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| model | sampler | budget | steps | k | images/s | x DiT | x DDIM | GFLOP/image | TFLOP/s | % of peak | "
+          "denoiser share |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        vs = f"{r['throughput_vs_dit']:.2f}" if r["throughput_vs_dit"] is not None else "-"
-        print(f"| {r['model']} | {r['budget']} | {r['num_steps']} | {r['iters_per_step'] or '-'} | "
-              f"{r['images_per_s']:.2f} | {vs} | {r['gflop_per_image']:.1f} | {r['tflops']:.3f} | "
+        vs, vd = (f"{r[key]:.2f}" if r[key] is not None else "-" for key in ("throughput_vs_dit", "throughput_vs_ddim"))
+        print(f"| {r['model']} | {r['sampler']} | {r['budget']} | {r['num_steps']} | {r['iters_per_step'] or '-'} | "
+              f"{r['images_per_s']:.2f} | {vs} | {vd} | {r['gflop_per_image']:.1f} | {r['tflops']:.3f} | "
               f"{100 * r['utilisation']:.1f} | {r['denoiser_fraction']:.2f} |")
     _common.write(record, args.out)
     figure = plot(record, args.out)

@@ -59,7 +59,10 @@ def test_training_benchmark_tiny(tmp_path, capsys):
 @pytest.mark.slow
 def test_sampling_benchmark_tiny(tmp_path, capsys):
     out = tmp_path / "sampling.json"
-    result = _load("sampling").main(["--tiny", "--device", "cpu", "--out", str(out)])
+    result = _load("sampling").main(["--tiny", "--device", "cpu", "--budgets", "24", "--samplers", "ddim",
+                                     "ddpm-counter", "--out", str(out)])
+    assert {r["sampler"] for r in result["rows"]} == {"ddim", "ddpm-counter"}
+    assert all(r["throughput_vs_ddim"] == 1.0 for r in result["rows"] if r["sampler"] == "ddim")
     assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(result["rows"]))
     assert out.with_suffix(".png").is_file() and "| FPDM-S/2 |" in capsys.readouterr().out
     import fixedpoint_diffusion as fd

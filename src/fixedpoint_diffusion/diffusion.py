@@ -54,7 +54,7 @@ class Loss:
     output: ModelOutput
 
 
-def _gather(table: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def gather_at(table: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``table[t]`` broadcast to ``like``'s shape, on its device, in float32 (float64 for float64 data)."""
     dtype = torch.promote_types(like.dtype, torch.float32)
     values = table.to(device=t.device)[t].to(dtype)
@@ -158,32 +158,32 @@ class Diffusion(ConfigMixin):
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """``x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps``."""
-        a = _gather(self.alphas_cumprod, t, x0)
+        a = gather_at(self.alphas_cumprod, t, x0)
         return (a.sqrt() * x0 + (1 - a).sqrt() * eps).to(x0.dtype)
 
     def target(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The prediction target: ``eps``, or ``v = sqrt(a_t) eps - sqrt(1 - a_t) x0``."""
         if self.prediction == "epsilon":
             return eps
-        a = _gather(self.alphas_cumprod, t, x0)
+        a = gather_at(self.alphas_cumprod, t, x0)
         return (a.sqrt() * eps - (1 - a).sqrt() * x0).to(x0.dtype)
 
     def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
         """``x0`` implied by a prediction: ``sqrt(a) x_t - sqrt(1 - a) v``, or ``(x_t - sqrt(1 - a) eps) / sqrt(a)``."""
-        a = _gather(self.alphas_cumprod, t, x_t)
+        a = gather_at(self.alphas_cumprod, t, x_t)
         if self.prediction == "v":
             return a.sqrt() * x_t - (1 - a).sqrt() * pred
         return (x_t - (1 - a).sqrt() * pred) / a.sqrt()
 
     def posterior(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and clipped log variance of ``q(x_{t-1} | x_t, x0)``."""
-        mean = _gather(self.posterior_mean_coef1, t, x_t) * x0 + _gather(self.posterior_mean_coef2, t, x_t) * x_t
-        return mean, _gather(self.posterior_log_variance_clipped, t, x_t).expand_as(x_t)
+        mean = gather_at(self.posterior_mean_coef1, t, x_t) * x0 + gather_at(self.posterior_mean_coef2, t, x_t) * x_t
+        return mean, gather_at(self.posterior_log_variance_clipped, t, x_t).expand_as(x_t)
 
     def model_log_variance(self, var_values: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """ADM's learned range: ``frac * log(beta_t) + (1 - frac) * log(posterior variance)``, ``frac = (v+1)/2``."""
-        min_log = _gather(self.posterior_log_variance_clipped, t, var_values)
-        max_log = _gather(torch.log(self.betas), t, var_values)
+        min_log = gather_at(self.posterior_log_variance_clipped, t, var_values)
+        max_log = gather_at(torch.log(self.betas), t, var_values)
         frac = (var_values + 1) / 2
         return frac * max_log + (1 - frac) * min_log
 
@@ -253,7 +253,7 @@ class Diffusion(ConfigMixin):
         if self.mean_loss == "mse":
             mse = _mean_flat((pred.float() - target.float()) ** 2)
         else:  # official FPDM code: x0 error weighted by snr * sqrt(1 - a)
-            a = _gather(self.alphas_cumprod, t, x0)
+            a = gather_at(self.alphas_cumprod, t, x0)
             weight = a / (1 - a) * (1 - a).sqrt()
             mse = _mean_flat(weight * (self.predict_x0(x_t, t, pred) - x0) ** 2)
         if var_values is not None:

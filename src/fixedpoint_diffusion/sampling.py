@@ -35,9 +35,10 @@ from .budget import (
     plan,
     spaced_timesteps,
 )
-from .diffusion import Diffusion, _gather
+from .diffusion import Diffusion, gather_at
 from .errors import InvalidValueError
 from .models import Cost
+from .noise import counter_normal
 
 __all__ = ["ALLOCATIONS", "DEFAULT_ITERATIONS_PER_TIMESTEP", "DEFAULT_NUM_TIMESTEPS", "Denoiser", "DenoiserOutput",
            "SampleOutput", "Schedule", "batches_for_rank", "fill_schedule_defaults", "plan", "sample",
@@ -148,7 +149,7 @@ def _ddim_step(diffusion: Diffusion, pred: torch.Tensor, x: torch.Tensor, t: int
     """One DDIM step from ``t`` to ``t_prev`` (``-1``: to the data), with ``x0`` and ``eps`` written so that zero
     terminal SNR needs no division by zero under v-prediction."""
     tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-    a = _gather(diffusion.alphas_cumprod, tt, x)
+    a = gather_at(diffusion.alphas_cumprod, tt, x)
     if diffusion.prediction == "v":
         x0 = a.sqrt() * x - (1 - a).sqrt() * pred
         eps = (1 - a).sqrt() * x + a.sqrt() * pred
@@ -157,12 +158,39 @@ def _ddim_step(diffusion: Diffusion, pred: torch.Tensor, x: torch.Tensor, t: int
         x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
     if t_prev < 0:
         return x0
-    a_prev = _gather(diffusion.alphas_cumprod, torch.full_like(tt, t_prev), x)
+    a_prev = gather_at(diffusion.alphas_cumprod, torch.full_like(tt, t_prev), x)
     sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).clamp_min(0).sqrt()
     out = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).clamp_min(0).sqrt() * eps
     if eta > 0:
         out = out + sigma * noise
     return out
+
+
+def _ddpm_step(ddpm: Any, pred: torch.Tensor, x: torch.Tensor, t: int, noise: torch.Tensor) -> torch.Tensor:
+    """diffusers' ``DDPMScheduler.step`` (the configurations :func:`scheduler_from_diffusion` makes:
+    learned-range or fixed-small variance, v or epsilon prediction, no clipping) with the noise given instead of
+    drawn from generators, on the scheduler's own tables; ``tests/test_sampling.py`` checks it against diffusers'
+    step with the same noise."""
+    channels = x.shape[1]
+    learned = pred.shape[1] == 2 * channels and ddpm.config.variance_type == "learned_range"
+    out, log_var_frac = (pred[:, :channels], pred[:, channels:]) if learned else (pred[:, :channels], None)
+    prev_t = ddpm.previous_timestep(t)
+    acp = ddpm.alphas_cumprod.to(x.device)
+    a_t = acp[t]
+    a_prev = acp[prev_t] if prev_t >= 0 else torch.ones((), device=x.device)
+    alpha_t, beta_t = a_t / a_prev, 1 - a_t / a_prev
+    if ddpm.config.prediction_type == "v_prediction":
+        x0 = a_t.sqrt() * x - (1 - a_t).sqrt() * out
+    else:
+        x0 = (x - (1 - a_t).sqrt() * out) / a_t.sqrt()
+    mean = (a_prev.sqrt() * beta_t / (1 - a_t)) * x0 + (alpha_t.sqrt() * (1 - a_prev) / (1 - a_t)) * x
+    if t <= 0:
+        return mean
+    variance = ((1 - a_prev) / (1 - a_t) * beta_t).clamp(min=1e-20)
+    if learned:
+        frac = (log_var_frac + 1) / 2
+        return mean + torch.exp(0.5 * (frac * beta_t.log() + (1 - frac) * variance.log())) * noise
+    return mean + variance.sqrt() * noise
 
 
 def _sample_generators(seed: int, indices: Sequence[int]) -> list[torch.Generator]:
@@ -177,7 +205,7 @@ def sample(model: Denoiser, class_labels: torch.Tensor | Sequence[int] | None, *
            tol: float = 1e-3, sampler: str = "ddpm", eta: float = 0.0, guidance_scale: float = 1.0,
            guidance_channels: str = "all", reuse: bool = True, seed: int = 0,
            indices: Sequence[int] | None = None, num_samples: int | None = None, device: torch.device | None = None,
-           progress: bool = False, compile: bool | None = None) -> SampleOutput:
+           progress: bool = False, compile: bool | None = None, noise: str = "generators") -> SampleOutput:
     """Sample from a DiT, an FPDM or any module with their forward signature
     ``model(x_t, t, y, [num_iterations=, z0=, rtol=, max_steps=]) -> ModelOutput`` (the :class:`Denoiser`
     contract).
@@ -199,6 +227,10 @@ def sample(model: Denoiser, class_labels: torch.Tensor | Sequence[int] | None, *
         seed, indices: sample ``i`` (``indices[i]``, default ``range(B)``) draws its noise from a generator
             seeded by ``(seed, indices[i])``.
         progress: show a tqdm bar over timesteps.
+        noise: where sample ``i``'s noise comes from, a function of ``(seed, indices[i])`` either way:
+            ``"generators"`` (one CPU generator per sample, copied to the device each step: the default, whose
+            samples earlier versions reproduce) or ``"counter"`` (:func:`~fixedpoint_diffusion.noise.counter_normal`,
+            drawn for the whole batch on the device in one call; other numbers, the same distribution).
         compile: compile the model's transformer blocks in place first (``compile_blocks``: once per model; the
             fixed-point loop stays eager; samples equal eager ones to float tolerance). ``None``: on CUDA only,
             where compiled blocks measured 1.3x (FPDM-XL/2) to 1.7x (DiT-XL/2) the eager images/s on an H200; the
@@ -255,6 +287,8 @@ def sample(model: Denoiser, class_labels: torch.Tensor | Sequence[int] | None, *
     if guidance_scale != 1.0 and (class_labels is None or num_classes is None or num_classes < 2):
         raise InvalidValueError(f"guidance_scale={guidance_scale} needs a class-conditional model (config.num_classes >= 2 "
                          f"with a trained null class) and class_labels")
+    if noise not in ("generators", "counter"):
+        raise InvalidValueError(f"noise must be 'generators' or 'counter', got {noise!r}")
     if compile is None:
         compile = device.type == "cuda"
     elif not isinstance(compile, bool):
@@ -268,8 +302,16 @@ def sample(model: Denoiser, class_labels: torch.Tensor | Sequence[int] | None, *
     channels, size = int(cfg.in_channels), int(cfg.input_size)
     learned_sigma = bool(getattr(cfg, "learn_sigma", False))
 
-    gens = _sample_generators(seed, indices)
-    x = torch.stack([torch.randn(channels, size, size, generator=g) for g in gens]).to(device)
+    gens = _sample_generators(seed, indices) if noise == "generators" else None
+    counter_indices = torch.tensor(indices, dtype=torch.long)
+
+    def draw(step: int) -> torch.Tensor:
+        """Step ``step``'s noise for the batch (step 0: the initial x_T)."""
+        if gens is not None:
+            return torch.stack([torch.randn(channels, size, size, generator=g) for g in gens]).to(device)
+        return counter_normal(seed, counter_indices, step, (channels, size, size), device=device)
+
+    x = draw(0)
     labels = labels.to(device)
     guided = guidance_scale != 1.0
     y_in = torch.cat([labels, torch.full_like(labels, num_classes)]) if guided else labels
@@ -324,12 +366,15 @@ def sample(model: Denoiser, class_labels: torch.Tensor | Sequence[int] | None, *
         if sampler == "ddpm":
             if not learned_sigma:
                 pred = pred[:, :channels]
-            x = ddpm.step(pred, t, x, generator=gens).prev_sample
+            if gens is not None:
+                x = ddpm.step(pred, t, x, generator=gens).prev_sample
+            else:
+                x = _ddpm_step(ddpm, pred, x, t, draw(i + 1).to(x.dtype))
         else:
-            noise = None
+            step_noise = None
             if eta > 0 and t_prev >= 0:
-                noise = torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens]).to(device, x.dtype)
-            x = _ddim_step(diffusion, pred[:, :channels].to(x.dtype), x, t, t_prev, eta, noise)
+                step_noise = draw(i + 1).to(x.dtype)
+            x = _ddim_step(diffusion, pred[:, :channels].to(x.dtype), x, t, t_prev, eta, step_noise)
     if not fixed_point:
         spent_iterations = [0] * len(steps)
     return SampleOutput(samples=x, labels=labels, schedule=schedule, iterations=spent_iterations,
