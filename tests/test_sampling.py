@@ -446,3 +446,21 @@ def test_counter_noise_keeps_the_sharding_guarantee(sampler):
     assert (generators.block_passes, generators.iterations) == (whole.block_passes, whole.iterations)
     with pytest.raises(ValueError, match="noise must be 'generators' or 'counter'"):
         fd.sample(model, [0], **{**kwargs, "noise": "philox"})
+
+
+def test_fpdm_sample_noise_counter_is_batch_independent(tmp_path):
+    model = _tiny_fpdm()
+    model.save_pretrained(tmp_path / "model")
+    base = ["sample", "--model", str(tmp_path / "model"), "--budget", "20", "--iters", "3", "--num-samples", "5",
+            "--noise", "counter", "--no-progress"]
+    assert cli.main([*base, "--batch-size", "2", "--out", str(tmp_path / "a")]) == 0
+    assert cli.main([*base, "--batch-size", "5", "--out", str(tmp_path / "b")]) == 0
+    assert cli.main([*base[:-3], "--no-progress", "--batch-size", "5", "--out", str(tmp_path / "c")]) == 0
+    arrays = []
+    for name in "abc":
+        with np.load(tmp_path / name / "samples.npz") as data:
+            arrays.append(data["arr_0"])
+    assert np.abs(arrays[0].astype(int) - arrays[1]).max() <= 1  # uint8: rounding at most
+    assert not np.array_equal(arrays[1], arrays[2])  # the default generator noise gives other images
+    diag = json.loads((tmp_path / "a" / "diagnostics.json").read_text())
+    assert diag["settings"]["noise"] == "counter"

@@ -76,7 +76,7 @@ def sample_to_folder(model: torch.nn.Module, diffusion: Diffusion, schedule: Sch
                      seed: int = 0, sampler: str = "ddpm", eta: float = 0.0, guidance_scale: float = 1.0,
                      guidance_channels: str = "all", reuse: bool = True, vae: Any = None,
                      device: torch.device | str = "cpu", overwrite: bool = False, progress: bool = True,
-                     log_lines: bool = False, compile: bool | None = None,
+                     log_lines: bool = False, compile: bool | None = None, noise: str = "generators",
                      settings: Mapping[str, Any] | None = None) -> FolderSummary:
     """Sample ``num_samples`` images under ``schedule`` into ``out``; every process of a ``torchrun`` job calls it
     and takes its share of the batches.
@@ -87,7 +87,7 @@ def sample_to_folder(model: torch.nn.Module, diffusion: Diffusion, schedule: Sch
         out: the folder; earlier results in it are refused unless ``overwrite``.
         num_samples, batch_size: images in all, and per forward.
         classes: labels cycled over the samples (default: a random label per sample from ``(seed, i)``).
-        seed, sampler, eta, guidance_scale, guidance_channels, reuse, compile: as in
+        seed, sampler, eta, guidance_scale, guidance_channels, reuse, compile, noise: as in
             :func:`~fixedpoint_diffusion.sample` (``compile=None``: the blocks are compiled on CUDA).
         vae: a diffusers ``AutoencoderKL`` that decodes a latent model's samples.
         progress: a progress bar per process.
@@ -115,7 +115,7 @@ def sample_to_folder(model: torch.nn.Module, diffusion: Diffusion, schedule: Sch
         labels = sample_labels(model.config.num_classes, idx, classes=classes, seed=seed)
         result = sample(model, labels, diffusion=diffusion, schedule=schedule, sampler=sampler, eta=eta,
                         guidance_scale=guidance_scale, guidance_channels=guidance_channels, reuse=reuse, seed=seed,
-                        indices=list(idx), device=device, compile=compile)
+                        indices=list(idx), device=device, compile=compile, noise=noise)
         images = decode_latents(vae, result.samples) if vae is not None else result.samples
         for i, arr in zip(idx, to_uint8(images)):
             Image.fromarray(arr).save(out / "samples" / f"{i:06d}.png")

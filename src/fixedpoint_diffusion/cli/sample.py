@@ -48,6 +48,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--tol", type=float, default=1e-3, help="adaptive: relative residual to stop at")
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM noise")
+    p.add_argument("--noise", choices=["generators", "counter"], default="generators",
+                   help="per-sample CPU generators, or counter-based noise drawn on the device (other images; sample "
+                        "i's noise depends on (seed, i) either way)")
     p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (1: off)")
     p.add_argument("--guidance-channels", choices=["all", "official_3"], default="all")
     p.add_argument("--reuse", action=argparse.BooleanOptionalAction, default=True,
@@ -137,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
         classes=classes, seed=args.seed, sampler=args.sampler, eta=args.eta, guidance_scale=args.cfg_scale,
         guidance_channels=args.guidance_channels, reuse=args.reuse, vae=vae, device=device,
         overwrite=args.overwrite, progress=not args.no_progress, log_lines=args.no_progress, compile=compile_blocks,
+        noise=args.noise,
         settings={k: v for k, v in vars(args).items() if k != "func"})
     if summary.block_passes_per_image is not None:  # rank 0
         spent = summary.block_passes_per_image
