@@ -84,7 +84,8 @@ def test_sample_names_a_broken_model_folder(model_copy, damage, match, tmp_path,
 def test_sample_refuses_a_nan_guidance_scale(tmp_path, capsys):
     assert fpdm(["sample", "--model", str(pretrained.path("shapes-dit")), "--budget", "12", "--cfg-scale", "nan",
                  "--out", str(tmp_path / "o"), "--no-progress"]) == 2
-    assert "guidance_scale" in _error(capsys)
+    assert "--cfg-scale must be a finite number" in _error(capsys)  # in the command's own flag
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.fixture
@@ -265,3 +266,37 @@ def test_sample_refuses_a_vae_folder_without_a_config_before_reading_weights(tmp
     assert fpdm(["sample", "--model", str(pretrained.path("shapes-fpdm")), "--vae", str(tmp_path / "no-vae"),
                  "--out", str(tmp_path / "run")]) == 2
     assert "--vae" in _error(capsys) and not (tmp_path / "run").exists()
+
+
+def test_review_refusals_keep_what_was_written(tmp_path, capsys):
+    """Found in review: a bad option given with --overwrite is refused before the earlier results are cleared; a
+    bad backward option in a model folder, a truncated .npz and an unreadable image are one-line errors."""
+    import json
+
+    import numpy as np
+
+    out = tmp_path / "out"
+    base = ["sample", "--model", str(pretrained.path("shapes-dit")), "--budget", "6", "--sampler", "ddim",
+            "--num-samples", "2", "--no-progress", "--out", str(out)]
+    assert fpdm(base) == 0
+    before = sorted(p.name for p in out.rglob("*"))
+    assert fpdm([*base, "--overwrite", "--eta", "-1"]) == 2
+    assert "--eta must be a finite number >= 0" in _error(capsys)
+    assert sorted(p.name for p in out.rglob("*")) == before
+    # a model folder whose config.json carries a backward option fixedpoint refuses
+    folder = tmp_path / "bad-model"
+    shutil.copytree(pretrained.path("shapes-fpdm"), folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["backward"] = {"name": "jfb", "steps": 0}
+    (folder / "config.json").write_text(json.dumps(config))
+    assert fpdm(["sample", "--model", str(folder), "--dry-run"]) == 2
+    assert "backward" in _error(capsys)
+    # a truncated .npz and an unreadable image in a folder
+    np.savez(tmp_path / "ok.npz", arr_0=np.zeros((2, 16, 16, 3), np.uint8))
+    (tmp_path / "cut.npz").write_bytes((tmp_path / "ok.npz").read_bytes()[:100])
+    assert fpdm(["eval", str(tmp_path / "cut.npz"), str(tmp_path / "ok.npz"), "--classifier", "shapes"]) == 2
+    assert "cut.npz" in _error(capsys)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "broken.png").write_bytes(b"not a png")
+    assert fpdm(["eval", str(tmp_path / "images"), str(tmp_path / "ok.npz"), "--classifier", "shapes"]) == 2
+    assert "broken.png" in _error(capsys)

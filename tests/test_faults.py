@@ -130,3 +130,22 @@ def test_load_model_takes_the_run_folder_itself(tmp_path):
     assert dict(da.config) == dict(db.config)
     entries = fd.RunFolder(tmp_path / "run").read_log()
     assert [e["step"] for e in entries] == [2] and fd.RunFolder(tmp_path / "run").ema_step() == 2
+
+
+def test_a_checkpoint_written_with_the_old_flat_fpdm_keys_still_loads(tmp_path):
+    """Checkpoints from before FPDM took fixedpoint's option objects store min_no_grad/max_no_grad/... in their
+    config's model section; fpdm sample --model <checkpoint> and load_model convert them."""
+    raw = micro_raw(tmp_path / "run", model="FPDM-S/2")
+    raw["train"].update(max_steps=2)
+    fd.train(fd.load_config(raw), progress=False)
+    path = fd.latest_checkpoint(tmp_path / "run")
+    ckpt = torch.load(path, weights_only=True)
+    model_section = dict(ckpt["config"]["model"])
+    backward = model_section.pop("backward")
+    assert backward["name"] == "stochastic_jfb"
+    old = {k: v for k, v in backward.items() if k != "name"}
+    ckpt["config"]["model"] = {**model_section, "backward": "stochastic_jfb", **old}  # the old layout
+    torch.save(ckpt, tmp_path / "old.pt")
+    (new, _), (converted, _) = load_model(path), load_model(tmp_path / "old.pt")
+    assert new.config.backward == converted.config.backward
+    assert all(torch.equal(p, q) for p, q in zip(new.state_dict().values(), converted.state_dict().values()))

@@ -1,6 +1,6 @@
 """Differentiable fixed points for PyTorch: solvers, backward modes and a deep-equilibrium layer."""
 
-from . import checks
+from . import checks  # noqa: F401 - the public submodule fixedpoint.checks, reachable as fp.checks
 from ._config import from_config, to_config
 from ._penalty import jacobian_penalty
 from ._solution import Solution, Status

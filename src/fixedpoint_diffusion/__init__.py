@@ -12,7 +12,14 @@ if TYPE_CHECKING:  # imported on first use instead, so that `fpdm --help` starts
     from .data import ImageFolder, LatentDataset, Shapes, extract_latents, load_vae
     from .demo import DemoSettings, run_demo
     from .diffusion import Diffusion, Loss
-    from .errors import InputError, InvalidValueError, MissingInputError, NotWritableError, OutputExistsError
+    from .errors import (
+        InputError,
+        InvalidTypeError,
+        InvalidValueError,
+        MissingInputError,
+        NotWritableError,
+        OutputExistsError,
+    )
     from .evaluation import evaluate
     from .generate import FolderSummary, check_output_folder, sample_to_folder
     from .models import FPDM, PRESETS, Cost, DiT, ModelOutput, create_model
@@ -30,7 +37,7 @@ _LAZY = {  # name -> the module that defines it
     **dict.fromkeys(["ImageFolder", "LatentDataset", "Shapes", "extract_latents", "load_vae"], "data"),
     **dict.fromkeys(["DemoSettings", "run_demo"], "demo"),
     **dict.fromkeys(["Diffusion", "Loss"], "diffusion"),
-    **dict.fromkeys(["InputError", "InvalidValueError", "MissingInputError", "NotWritableError",
+    **dict.fromkeys(["InputError", "InvalidTypeError", "InvalidValueError", "MissingInputError", "NotWritableError",
                      "OutputExistsError"], "errors"),
     "evaluate": "evaluation",
     **dict.fromkeys(["FolderSummary", "check_output_folder", "sample_to_folder"], "generate"),
@@ -44,14 +51,14 @@ _LAZY = {  # name -> the module that defines it
 }
 
 __all__ = [
-    "Config", "ConfigError", "Cost", "DataConfig", "DemoSettings", "Denoiser", "DiT", "Diffusion", "DiffusionConfig", "FPDM",
-    "FPDMPipeline", "FPDMPipelineOutput", "FolderSummary", "ImageFolder", "InputError", "InvalidValueError",
-    "LatentDataset", "Loss", "MissingInputError", "ModelOutput", "NotWritableError", "OutputExistsError", "PRESETS",
-    "RunFolder", "SampleOutput", "Schedule", "Shapes", "TrainConfig", "TrainState", "TrainSummary", "Trainer",
-    "batches_for_rank", "check_output_folder", "create_model", "diffusion_from_scheduler", "evaluate",
-    "extract_latents", "fill_schedule_defaults", "latest_checkpoint", "list_configs", "load_config", "load_model",
-    "load_official_checkpoint", "load_vae", "plan", "plot_residuals", "run_demo", "sample", "sample_to_folder",
-    "scheduler_from_diffusion", "train",
+    "Config", "ConfigError", "Cost", "DataConfig", "DemoSettings", "Denoiser", "DiT", "Diffusion", "DiffusionConfig",
+    "FPDM", "FPDMPipeline", "FPDMPipelineOutput", "FolderSummary", "ImageFolder", "InputError", "InvalidTypeError",
+    "InvalidValueError", "LatentDataset", "Loss", "MissingInputError", "ModelOutput", "NotWritableError",
+    "OutputExistsError", "PRESETS", "RunFolder", "SampleOutput", "Schedule", "Shapes", "TrainConfig", "TrainState",
+    "TrainSummary", "Trainer", "batches_for_rank", "check_output_folder", "create_model", "diffusion_from_scheduler",
+    "evaluate", "extract_latents", "fill_schedule_defaults", "latest_checkpoint", "list_configs", "load_config",
+    "load_model", "load_official_checkpoint", "load_vae", "plan", "plot_residuals", "run_demo", "sample",
+    "sample_to_folder", "scheduler_from_diffusion", "train",
 ]
 
 def __getattr__(name: str):

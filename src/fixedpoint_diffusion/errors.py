@@ -1,14 +1,15 @@
 """The project's own input errors: a bad config, option, path or file from the user.
 
-Each is also the built-in exception Python code expects (``ValueError``, ``FileNotFoundError``, ``FileExistsError``,
-``PermissionError``), so ``except ValueError`` keeps working; all share the base :class:`InputError`, which the
+Each is also the built-in exception Python code expects (``ValueError``, ``TypeError``, ``FileNotFoundError``,
+``FileExistsError``, ``PermissionError``), so ``except ValueError`` keeps working; all share the base :class:`InputError`, which the
 ``fpdm`` command prints as one line with exit code 2. Any other exception is a bug (or the machine's) and keeps its
 traceback.
 """
 
 from __future__ import annotations
 
-__all__ = ["InputError", "InvalidValueError", "MissingInputError", "NotWritableError", "OutputExistsError"]
+__all__ = ["InputError", "InvalidTypeError", "InvalidValueError", "MissingInputError", "NotWritableError",
+           "OutputExistsError"]
 
 
 class InputError(Exception):
@@ -17,6 +18,10 @@ class InputError(Exception):
 
 class InvalidValueError(InputError, ValueError):
     """A value (argument, option, config entry, file content) that cannot be used; the message names it."""
+
+
+class InvalidTypeError(InputError, TypeError):
+    """A value of the wrong type (in a config file, say, where Python would raise ``TypeError``)."""
 
 
 class MissingInputError(InputError, FileNotFoundError):

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import os
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +42,7 @@ from . import pretrained
 from ._runtime import check_writable_folder
 from .classifier import ShapesClassifier, classifier_features, train_classifier
 from .data import Shapes
-from .errors import InvalidValueError, MissingInputError, OutputExistsError
+from .errors import InputError, InvalidValueError, MissingInputError, OutputExistsError
 from .inception import inception_features, load_inception
 from .pipeline import to_uint8
 
@@ -199,21 +200,24 @@ def load_images(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None]
 
         arrays = []
         for file in files:
-            with Image.open(file) as img:
-                arrays.append(np.asarray(img.convert("RGB")))
+            try:
+                with Image.open(file) as img:
+                    arrays.append(np.asarray(img.convert("RGB")))
+            except OSError as err:  # PIL's UnidentifiedImageError included: a truncated or mislabelled file
+                raise InvalidValueError(f"{file}: not a readable image ({str(err).splitlines()[0]})") from None
             if arrays[-1].shape != arrays[0].shape:
                 raise InvalidValueError(f"{file}: size {arrays[-1].shape[:2]} differs from {files[0]}'s "
                                  f"{arrays[0].shape[:2]}; all images must have the same size")
         return np.stack(arrays), None
     try:
-        with np.load(path) as f:
+        with open(path, "rb") as fh, np.load(fh) as f:  # our handle: closed even when numpy's zip reader fails
             if "arr_0" not in f:
                 raise InvalidValueError(f"{path}: an image .npz needs 'arr_0' (uint8 N x H x W x 3), found "
                                  f"{sorted(f.files)}")
             images, labels = f["arr_0"], f.get("arr_1")
-    except (OSError, EOFError, ValueError) as err:
-        if str(path) in str(err):
-            raise
+    except InputError:
+        raise
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as err:  # unreadable, truncated, not an .npz
         raise InvalidValueError(f"{path}: not a readable .npz of images ({str(err).splitlines()[0]})") from None
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise InvalidValueError(f"{path}: arr_0 must be uint8 of shape (N, H, W, 3), got {images.dtype} {images.shape}")
@@ -265,9 +269,9 @@ def _side(path: str, extract, what: str, image_size: int | None = None) -> tuple
     p = Path(path)
     if p.is_file() and p.suffix == ".npz":
         try:
-            with np.load(p) as f:
+            with open(p, "rb") as fh, np.load(fh) as f:  # our handle: closed even when numpy's zip reader fails
                 stats_only = "mu" in f and "sigma" in f and "arr_0" not in f
-        except (OSError, EOFError, ValueError) as err:
+        except (OSError, EOFError, ValueError, zipfile.BadZipFile) as err:
             raise InvalidValueError(f"{what}: {p} is not a readable .npz ({str(err).splitlines()[0]})") from None
         if stats_only:
             return FeatureStats.load(p), None

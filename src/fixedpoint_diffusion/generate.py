@@ -31,7 +31,7 @@ from .budget import Schedule
 from .diffusion import Diffusion
 from .errors import InvalidValueError, OutputExistsError
 from .pipeline import decode_latents, image_grid, to_uint8
-from .sampling import batches_for_rank, plot_residuals, sample
+from .sampling import batches_for_rank, check_sampling_options, plot_residuals, sample
 
 __all__ = ["FolderSummary", "check_output_folder", "sample_labels", "sample_to_folder"]
 
@@ -97,6 +97,8 @@ def sample_to_folder(model: torch.nn.Module, diffusion: Diffusion, schedule: Sch
     """
     for name, value in (("num_samples", num_samples), ("batch_size", batch_size)):
         check_int(value, name, 1, error=InvalidValueError)
+    check_sampling_options(sampler=sampler, eta=eta, guidance_scale=guidance_scale,
+                           guidance_channels=guidance_channels, seed=seed, noise=noise)  # before anything is cleared
     out = Path(out)
     check_output_folder(out, overwrite=overwrite)
     world = world_size()

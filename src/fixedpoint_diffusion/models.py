@@ -19,7 +19,7 @@ from fixedpoint.checks import check_int, check_tol
 
 from .backbone import Cost, ModelOutput, TransformerBase
 from .blocks import DiTBlock, block_macs
-from .errors import InvalidValueError
+from .errors import InvalidTypeError, InvalidValueError
 
 __all__ = ["FPDM", "PRESETS", "Cost", "DiT", "ModelOutput", "convert_legacy_fpdm_config", "create_model"]
 
@@ -114,13 +114,18 @@ def _option_from_config(spec: Any, what: str) -> Any:
     if isinstance(spec, str):
         spec = {"name": spec}
     if not isinstance(spec, Mapping):
-        raise TypeError(f"{what} must be one of {sorted(table)} (a name, a dict with 'name', or that object), "
-                        f"got {type(spec).__name__}")
+        raise InvalidTypeError(f"{what} must be one of {sorted(table)} (a name, a dict with 'name', or that "
+                               f"object), got {type(spec).__name__}")
     if spec.get("name") not in table:
         raise InvalidValueError(f"{what} must be one of {sorted(table)}, got {spec.get('name')!r}")
     if spec["name"] == "stochastic_jfb":
         spec = {**_STOCHASTIC_JFB_DEFAULTS, **spec}
-    return fp.from_config(spec)
+    try:  # fixedpoint's own refusals, as this package's input errors
+        return fp.from_config(spec)
+    except ValueError as err:
+        raise InvalidValueError(f"{what}: {err}") from None
+    except TypeError as err:
+        raise InvalidTypeError(f"{what}: {err}") from None
 
 
 # Flat keys of FPDM configs written before the solver/backward options became dicts.

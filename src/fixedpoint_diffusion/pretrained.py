@@ -60,5 +60,5 @@ def provenance(name: str) -> dict[str, Any]:
 
 
 def classifier(device: torch.device | str = "cpu") -> ShapesClassifier:
-    """The shipped :class:`~fixedpoint_diffusion.evaluation.ShapesClassifier` (16x16 Shapes, eval mode)."""
+    """The shipped :class:`~fixedpoint_diffusion.classifier.ShapesClassifier` (16x16 Shapes, eval mode)."""
     return ShapesClassifier.load(path("shapes-classifier") / "classifier.pt", device)

@@ -1,10 +1,10 @@
 """Figures, findings and reports of a Shapes experiment record (``fpdm demo``; the same rows as
 ``benchmarks/quality.py``).
 
-A *row* is one scored :class:`~fixedpoint_diffusion.experiment.Setting` (see
-:func:`~fixedpoint_diffusion.experiment.score_settings`): ``fd``/``fd_ci``, ``accuracy``/``accuracy_ci``,
+A *row* is one scored :class:`~fixedpoint_diffusion.scoring.Setting` (see
+:func:`~fixedpoint_diffusion.scoring.score_settings`): ``fd``/``fd_ci``, ``accuracy``/``accuracy_ci``,
 ``budget``, ``model``, ``label``, ``num_steps``, ``residual``, ... A *comparison* is a paired bootstrap
-difference between two rows (:func:`~fixedpoint_diffusion.experiment.paired_difference`). Findings are written
+difference between two rows (:func:`~fixedpoint_diffusion.scoring.paired_difference`). Findings are written
 from comparisons only, and only where the 95% interval excludes zero; everything else is reported as within the
 noise.
 """

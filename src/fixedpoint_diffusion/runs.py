@@ -31,7 +31,7 @@ from torch import nn
 from ._files import write_atomic, write_json_atomic, write_text_atomic
 from .diffusion import Diffusion
 from .errors import InvalidValueError, MissingInputError
-from .models import FPDM, DiT, create_model
+from .models import FPDM, DiT, convert_legacy_fpdm_config, create_model
 
 __all__ = ["RunFolder", "latest_checkpoint", "load_model"]
 
@@ -245,6 +245,8 @@ def _load_checkpoint_file(path: Path, weights: bool | str, device: Any, what: st
                                 "model folder, e.g. a run's ema/, or checkpoints/step-XXXXXXXX.pt)")
     model_args = dict(ckpt["config"]["model"])
     name = model_args.pop("name")
+    if str(name).startswith("FPDM"):  # checkpoints written before FPDM took fixedpoint's option objects
+        model_args = convert_legacy_fpdm_config(model_args)
     if weights is False:
         with torch.device("meta"):
             model = create_model(name, **model_args)

@@ -193,6 +193,26 @@ def _ddpm_step(ddpm: Any, pred: torch.Tensor, x: torch.Tensor, t: int, noise: to
     return mean + variance.sqrt() * noise
 
 
+def check_sampling_options(*, sampler: str = "ddpm", eta: float = 0.0, guidance_scale: float = 1.0,
+                           guidance_channels: str = "all", seed: int = 0, noise: str = "generators") -> None:
+    """Refuse (naming the argument) a sampling option :func:`sample` cannot use; it runs this before any compute,
+    and so can a caller that has something to lose first (:func:`~fixedpoint_diffusion.sample_to_folder` before it
+    clears a folder)."""
+    if sampler not in ("ddpm", "ddim"):
+        raise InvalidValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
+    if guidance_channels not in ("all", "official_3"):
+        raise InvalidValueError(f"guidance_channels must be 'all' or 'official_3', got {guidance_channels!r}")
+    for name, value, minimum in (("eta", eta, 0.0), ("guidance_scale", guidance_scale, None)):
+        if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                and (minimum is None or value >= minimum)):
+            raise InvalidValueError(f"{name} must be a finite number{'' if minimum is None else ' >= 0'}, "
+                                    f"got {value!r}")
+    if not (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**63):
+        raise InvalidValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+    if noise not in ("generators", "counter"):
+        raise InvalidValueError(f"noise must be 'generators' or 'counter', got {noise!r}")
+
+
 def _sample_generators(seed: int, indices: Sequence[int]) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(seed_from(seed, 3, int(i))) for i in indices]
 
@@ -249,16 +269,8 @@ def sample(model: Denoiser, class_labels: torch.Tensor | Sequence[int] | None, *
     if schedule.iterations is not None and not fixed_point:
         raise InvalidValueError("the schedule has fixed-point iterations but the model is not a fixed-point model "
                          "(is_fixed_point)")
-    if sampler not in ("ddpm", "ddim"):
-        raise InvalidValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
-    if guidance_channels not in ("all", "official_3"):
-        raise InvalidValueError(f"guidance_channels must be 'all' or 'official_3', got {guidance_channels!r}")
-    for name, value, minimum in (("eta", eta, 0.0), ("guidance_scale", guidance_scale, None)):
-        if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-                and (minimum is None or value >= minimum)):
-            raise InvalidValueError(f"{name} must be a finite number{'' if minimum is None else ' >= 0'}, got {value!r}")
-    if not (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**63):
-        raise InvalidValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+    check_sampling_options(sampler=sampler, eta=eta, guidance_scale=guidance_scale,
+                           guidance_channels=guidance_channels, seed=seed, noise=noise)
     if device is not None:
         device = torch.device(device)
         if device.type == "meta" or (device.type == "cuda" and not torch.cuda.is_available()):
@@ -287,8 +299,6 @@ def sample(model: Denoiser, class_labels: torch.Tensor | Sequence[int] | None, *
     if guidance_scale != 1.0 and (class_labels is None or num_classes is None or num_classes < 2):
         raise InvalidValueError(f"guidance_scale={guidance_scale} needs a class-conditional model (config.num_classes >= 2 "
                          f"with a trained null class) and class_labels")
-    if noise not in ("generators", "counter"):
-        raise InvalidValueError(f"noise must be 'generators' or 'counter', got {noise!r}")
     if compile is None:
         compile = device.type == "cuda"
     elif not isinstance(compile, bool):

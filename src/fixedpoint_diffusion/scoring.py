@@ -39,7 +39,9 @@ class Setting:
     Attributes:
         model: a name of the models being compared (e.g. ``"FPDM"``, ``"DiT"``).
         budget: block passes per image (the paper's footnote 4).
-        iters_per_step: FPDM's average fixed-point iterations per timestep; ``None`` for an explicit model.
+        iters_per_step: FPDM's average fixed-point iterations per timestep; ``None`` for an explicit model. (Named
+            as in the result files earlier runs wrote, which the demo resumes from; ``sample`` calls it
+            ``iterations_per_timestep``. Rows likewise keep ``num_steps`` for the number of timesteps.)
         reuse: start each solve from the previous timestep's solution.
         allocation: ``"constant"``, ``"increasing"`` or ``"decreasing"`` (see :func:`~fixedpoint_diffusion.plan`).
         guidance_scale: classifier-free guidance (1: none; guided sampling runs the model on twice the batch).
@@ -98,7 +100,7 @@ class Scorer:
     """Sample quality on the Shapes dataset, with a small classifier standing in for Inception.
 
     Args:
-        classifier: a trained :class:`~fixedpoint_diffusion.evaluation.ShapesClassifier`.
+        classifier: a trained :class:`~fixedpoint_diffusion.classifier.ShapesClassifier`.
         reference: its features of real held-out images, (M, D).
         kid_subsets: subsets averaged by KID.
     """

@@ -14,7 +14,8 @@ from ..errors import InvalidValueError
 
 # The planner's argument names, as this command's flags (its errors are reworded with them).
 _FLAGS = (("iterations_per_timestep", "--iters"), ("num_timesteps", "--timesteps"), ("budget", "--budget"),
-          ("allocation", "--allocation"), ("ratio", "--ratio"), ("tol", "--tol"))
+          ("allocation", "--allocation"), ("ratio", "--ratio"), ("tol", "--tol"), ("guidance_scale", "--cfg-scale"),
+          ("eta", "--eta"), ("seed", "--seed"))
 
 
 def register(subparsers: Any) -> None:
@@ -106,6 +107,11 @@ def run(args: argparse.Namespace) -> int:
                            allocation=allocation, ratio=args.ratio, tol=args.tol,
                            num_train_timesteps=diffusion.num_timesteps)
     except ValueError as err:  # in the command's own words
+        raise _in_flags(err) from None
+    try:
+        fd.sampling.check_sampling_options(sampler=args.sampler, eta=args.eta, guidance_scale=args.cfg_scale,
+                                           guidance_channels=args.guidance_channels, seed=args.seed, noise=args.noise)
+    except ValueError as err:
         raise _in_flags(err) from None
     num_classes = model.config.num_classes
     classes = _classes(args.classes, num_classes)
