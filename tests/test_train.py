@@ -428,3 +428,30 @@ def test_a_users_own_dataset_trains_like_the_configured_one(tmp_path):
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), c.state_dict().values()))
     with pytest.raises(fd.InvalidValueError, match="num_classes"):
         fd.Trainer(config, progress=False, dataset=torch.utils.data.TensorDataset(torch.zeros(70, 3, 8, 8)))
+
+
+def test_close_frees_the_ddp_wrapper_before_the_process_group_goes(tmp_path):
+    """Trainer.close() (which train() calls) drops the DDP wrapper while the group exists; run in a fresh process
+    with a one-rank gloo group, so this test process keeps no process group."""
+    script = f"""
+import gc, sys
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from micro import micro_raw
+import fixedpoint_diffusion as fd
+dist.init_process_group("gloo", init_method="file://{tmp_path}/store", rank=0, world_size=1)
+raw = micro_raw({str(tmp_path / "run")!r})
+raw["train"]["max_steps"] = 1
+trainer = fd.Trainer(fd.load_config(raw), progress=False)
+trainer.run()
+alive = lambda: sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects())
+before = alive()
+trainer.close()
+print(before, alive(), dist.is_initialized())
+dist.destroy_process_group()
+"""
+    proc = subprocess.run([sys.executable, "-c", script], env=_env(), capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["1", "0", "True"]

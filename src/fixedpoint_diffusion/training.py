@@ -539,6 +539,14 @@ class Trainer:
             self.run_folder.write_summary({k: (str(v) if isinstance(v, Path) else v) for k, v in vars(summary).items()})
         return summary
 
+    def close(self) -> None:
+        """Free the DDP wrapper while the process group still exists; call it before
+        ``torch.distributed.destroy_process_group()`` when you drive a :class:`Trainer` yourself under ``torchrun``
+        (:func:`train` does). In the other order the wrapper's reducer holds the group's last reference, and its
+        destructor, joining gloo's threads while holding the GIL, deadlocked a 2-process CPU run at exit."""
+        self.objective = None
+        gc.collect()  # the wrapper sits in reference cycles: free it now, not at some later collection
+
     def _reduce(self, sums: torch.Tensor, count: int, seconds: float) -> dict[str, float]:
         values = sums / max(count, 1)
         if dist.is_initialized():
@@ -570,11 +578,7 @@ def train(config: Config, *, resume: bool = False, device: str | torch.device | 
     try:
         return trainer.run()
     finally:
-        # The DDP wrapper goes first, while the process group is still registered: dropped after it, the wrapper's
-        # reducer held the group's last reference, and its destructor (joining gloo's threads while this thread
-        # held the GIL) deadlocked a 2-process CPU run at exit.
-        trainer.objective = None
-        gc.collect()  # the wrapper sits in reference cycles: free it now, not at some later collection
+        trainer.close()
         if dist.is_initialized():
             dist.destroy_process_group()
 
