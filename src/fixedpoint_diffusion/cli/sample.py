@@ -53,9 +53,10 @@ def register(subparsers: Any) -> None:
                    help="per-sample CPU generators, or counter-based noise drawn on the device (other images; sample "
                         "i's noise depends on (seed, i) either way)")
     p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (1: off)")
-    p.add_argument("--guidance-channels", choices=["all", "official_3"], default="all")
+    p.add_argument("--guidance-channels", choices=["all", "official_3"], default="all",
+                   help="guide the whole prediction, or its first 3 channels as DiT's and the official FPDM code do")
     p.add_argument("--reuse", action=argparse.BooleanOptionalAction, default=True,
-                   help="reuse each timestep's fixed-point solution to start the next (default on)")
+                   help="reuse each timestep's fixed-point solution to start the next")
     p.add_argument("--device", default=None, help="e.g. cpu, cuda:1 (None: cuda:LOCAL_RANK if available, else cpu)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the transformer blocks (None: on CUDA; the first batch pays the compilation)")
