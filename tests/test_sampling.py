@@ -428,7 +428,8 @@ def test_ddpm_step_with_given_noise_equals_diffusers_step(learn_sigma, predictio
         replay = [torch.Generator().manual_seed(10 + i) for i in range(3)]
         noise = torch.stack([torch.randn(4, 8, 8, generator=r) for r in replay])
         expected = ddpm.step(pred, t, x, generator=gens).prev_sample
-        torch.testing.assert_close(_ddpm_step(ddpm, pred, x, t, noise), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(_ddpm_step(ddpm, ddpm.alphas_cumprod, pred, x, t, noise), expected, rtol=1e-5,
+                                   atol=1e-5)
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])

@@ -34,14 +34,16 @@ def default_device(device: str | torch.device | None = None) -> torch.device:
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError) as err:
-        raise InvalidValueError(f"device {device!r} is not a device torch knows (e.g. 'cpu', 'cuda', 'cuda:1')") from err
+        raise InvalidValueError(f"device {device!r} is not a device torch knows (e.g. 'cpu', 'cuda', "
+                                f"'cuda:1')") from err
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise InvalidValueError(f"device {str(device)!r}: CUDA is not available on this machine (use 'cpu')")
         if device.index is None:
             return torch.device(f"cuda:{local}")
         if device.index >= torch.cuda.device_count():
-            raise InvalidValueError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+            raise InvalidValueError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA "
+                                    f"device(s)")
     elif device.type == "mps" and not torch.backends.mps.is_available():
         raise InvalidValueError(f"device {str(device)!r}: MPS is not available on this machine (use 'cpu')")
     elif device.type not in ("cpu", "cuda", "mps"):

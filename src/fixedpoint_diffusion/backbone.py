@@ -115,7 +115,7 @@ class TransformerBase(ModelMixin, ConfigMixin):
             raise InvalidValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
         if hidden_size % 4:
             raise InvalidValueError(f"hidden_size must be a multiple of 4 (the 2-D sin-cos position embedding), got "
-                             f"{hidden_size}")
+                                    f"{hidden_size}")
         if input_size % patch_size:
             raise InvalidValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
@@ -165,9 +165,9 @@ class TransformerBase(ModelMixin, ConfigMixin):
         # One host sync per forward: an out-of-range index would otherwise be a device-side assert on CUDA.
         bad = (t < 0).any() | (y < 0).any() | (y > cfg.num_classes).any()
         if bool(bad):
-            raise InvalidValueError(f"t must be >= 0 and y in [0, {cfg.num_classes}] ({cfg.num_classes} is the null class "
-                             f"for guidance); got t in [{int(t.min())}, {int(t.max())}], y in "
-                             f"[{int(y.min())}, {int(y.max())}]")
+            raise InvalidValueError(f"t must be >= 0 and y in [0, {cfg.num_classes}] ({cfg.num_classes} is the null "
+                                    f"class for guidance); got t in [{int(t.min())}, {int(t.max())}], y in "
+                                    f"[{int(y.min())}, {int(y.max())}]")
 
     def _embed(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor, drop_labels: torch.Tensor | None):
         h = self.x_embedder(x_t) + self.pos_embed.to(x_t.dtype)  # (B, T, D)

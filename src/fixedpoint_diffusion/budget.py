@@ -68,7 +68,7 @@ class Schedule:
         return "\n".join(lines)
 
 
-def _is_fixed_point_model(model: Any) -> bool:
+def is_fixed_point_model(model: Any) -> bool:
     """The model's declared :attr:`~fixedpoint_diffusion.sampling.Denoiser.is_fixed_point` (``False`` if it
     declares nothing)."""
     return bool(getattr(model, "is_fixed_point", False))
@@ -89,7 +89,7 @@ def fill_schedule_defaults(model: Any, budget: int | None, iterations_per_timest
     was given is kept, so inconsistent input still reaches :func:`plan` and its errors."""
     if budget is None and num_timesteps is None:
         num_timesteps = DEFAULT_NUM_TIMESTEPS
-    if (_is_fixed_point_model(model) and iterations_per_timestep is None and isinstance(allocation, str)
+    if (is_fixed_point_model(model) and iterations_per_timestep is None and isinstance(allocation, str)
             and (budget is None or num_timesteps is None)):
         iterations_per_timestep = DEFAULT_ITERATIONS_PER_TIMESTEP
     return budget, iterations_per_timestep, num_timesteps
@@ -159,7 +159,7 @@ def plan(model: Any = None, *, budget: int | None = None, iterations_per_timeste
         ValueError: a budget too small for one timestep (with at least one iteration),
             ``iterations_per_timestep < 1``, an unknown allocation, or an inconsistent combination.
     """
-    fixed_point = explicit_passes is not None if model is None else _is_fixed_point_model(model)
+    fixed_point = explicit_passes is not None if model is None else is_fixed_point_model(model)
     explicit = explicit_passes if model is None else _explicit_passes(model)
     for name, value in (("budget", budget), ("iterations_per_timestep", iterations_per_timestep),
                         ("num_timesteps", num_timesteps)):
@@ -170,16 +170,16 @@ def plan(model: Any = None, *, budget: int | None = None, iterations_per_timeste
         custom = list(allocation) if isinstance(allocation, (list, tuple)) else None
         if not custom or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in custom):
             raise InvalidValueError(f"allocation must be a name or a non-empty list of ints >= 1 (iterations per "
-                             f"timestep), got {allocation!r}")
+                                    f"timestep), got {allocation!r}")
         if iterations_per_timestep is not None:
             raise InvalidValueError(f"a custom allocation sets every timestep's iterations; iterations_per_timestep="
-                             f"{iterations_per_timestep} would be ignored: give one of them")
+                                    f"{iterations_per_timestep} would be ignored: give one of them")
         allocation_name = "custom"
     elif allocation in ALLOCATIONS:
         allocation_name = allocation
     else:
         raise InvalidValueError(f"allocation must be one of {list(ALLOCATIONS)} or a list of per-timestep iterations, "
-                         f"got {allocation!r}")
+                                f"got {allocation!r}")
     if not (isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and math.isfinite(ratio) and ratio >= 1):
         raise InvalidValueError(f"ratio must be a finite number >= 1, got {ratio!r}")
 
@@ -187,18 +187,18 @@ def plan(model: Any = None, *, budget: int | None = None, iterations_per_timeste
         if explicit is None:
             if budget is not None:
                 raise InvalidValueError("budget needs a model whose per-timestep cost is known (explicit_passes); give "
-                                 "num_timesteps instead")
+                                        "num_timesteps instead")
             explicit = 0
         if iterations_per_timestep is not None or custom is not None or allocation_name != "constant":
-            raise InvalidValueError("iterations_per_timestep and allocations apply to fixed-point models only (this model "
-                             "does not declare is_fixed_point)")
+            raise InvalidValueError("iterations_per_timestep and allocations apply to fixed-point models only (this "
+                                    "model does not declare is_fixed_point)")
         if budget is not None:
             steps = budget // explicit
             if steps < 1:
                 raise InvalidValueError(f"budget {budget} is too small for one timestep ({explicit} block passes each)")
             if num_timesteps is not None and num_timesteps != steps:
                 raise InvalidValueError(f"budget {budget} buys {steps} timesteps of {explicit} block passes, not "
-                                 f"num_timesteps={num_timesteps}; give one of them")
+                                        f"num_timesteps={num_timesteps}; give one of them")
         elif num_timesteps is None:
             raise InvalidValueError("give budget or num_timesteps")
         else:
@@ -212,29 +212,29 @@ def plan(model: Any = None, *, budget: int | None = None, iterations_per_timeste
             raise InvalidValueError(f"the custom allocation has {steps} entries but num_timesteps={num_timesteps}")
         if budget is not None and steps * explicit + sum(custom) > budget:
             raise InvalidValueError(f"the custom allocation costs {steps * explicit + sum(custom)} block passes, over "
-                             f"the budget of {budget}")
+                                    f"the budget of {budget}")
         _check_num_timesteps(steps, num_train_timesteps)
         return Schedule(spaced_timesteps(num_train_timesteps, steps), tuple(custom), explicit, budget, "custom")
 
     given = sum(v is not None for v in (budget, iterations_per_timestep, num_timesteps))
     if given != 2:
         raise InvalidValueError("give exactly two of budget, iterations_per_timestep and num_timesteps (got "
-                         f"budget={budget}, iterations_per_timestep={iterations_per_timestep}, "
-                         f"num_timesteps={num_timesteps})")
+                                f"budget={budget}, iterations_per_timestep={iterations_per_timestep}, "
+                                f"num_timesteps={num_timesteps})")
     if budget is None:
         steps, total = num_timesteps, num_timesteps * iterations_per_timestep
     elif num_timesteps is None:
         steps = budget // (explicit + iterations_per_timestep)
         if steps < 1:
-            raise InvalidValueError(f"budget {budget} is too small for one timestep of {explicit} explicit block passes "
-                             f"+ {iterations_per_timestep} iterations")
+            raise InvalidValueError(f"budget {budget} is too small for one timestep of {explicit} explicit block "
+                                    f"passes + {iterations_per_timestep} iterations")
         total = steps * iterations_per_timestep if allocation_name == "constant" else budget - steps * explicit
     else:
         steps = num_timesteps
         total = budget - steps * explicit
         if total < steps:
-            raise InvalidValueError(f"budget {budget} is too small for {steps} timesteps: each needs {explicit} explicit "
-                             f"block passes + at least 1 iteration ({steps * (explicit + 1)} in all)")
+            raise InvalidValueError(f"budget {budget} is too small for {steps} timesteps: each needs {explicit} "
+                                    f"explicit block passes + at least 1 iteration ({steps * (explicit + 1)} in all)")
     _check_num_timesteps(steps, num_train_timesteps)
     if allocation_name in ("constant", "adaptive"):
         weights = [1.0] * steps

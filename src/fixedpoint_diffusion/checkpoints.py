@@ -53,7 +53,8 @@ def _config_from_args(args: dict[str, Any]) -> tuple[str, dict[str, Any]]:
             raise InvalidValueError(f"checkpoint args: {unsupported}=True models are not supported")
     image_size = args.get("image_size", 256)
     if not isinstance(image_size, int) or image_size % 8:
-        raise InvalidValueError(f"checkpoint args: image_size must be an int divisible by 8 (the VAE), got {image_size!r}")
+        raise InvalidValueError(f"checkpoint args: image_size must be an int divisible by 8 (the VAE), got "
+                                f"{image_size!r}")
     overrides: dict[str, Any] = {"input_size": image_size // 8, "num_classes": args.get("num_classes", 1000),
                                  "learn_sigma": True}
     if args.get("fixed_point"):
@@ -101,7 +102,7 @@ def load_official_checkpoint(path: str | os.PathLike, name: str | None = None, *
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
         raise InvalidValueError(f"path: {os.fspath(path)!r} is not a checkpoint of tensors and plain values that "
-                         f"torch.load(weights_only=True) accepts ({str(err).splitlines()[0]})") from None
+                                f"torch.load(weights_only=True) accepts ({str(err).splitlines()[0]})") from None
     config: dict[str, Any] = {}
     if isinstance(obj, dict) and "args" in obj and ("model" in obj or "ema" in obj):
         args = obj["args"]
@@ -115,11 +116,12 @@ def load_official_checkpoint(path: str | os.PathLike, name: str | None = None, *
         state = obj[key]
     elif _is_state_dict(obj):
         if name is None:
-            raise InvalidValueError("name: a bare state dict does not say which model it is; pass name='DiT-XL/2' (etc.)")
+            raise InvalidValueError("name: a bare state dict does not say which model it is; pass name='DiT-XL/2' "
+                                    "(etc.)")
         state = obj
     else:
         raise InvalidValueError(f"path: {os.fspath(path)!r} holds neither a training checkpoint (a dict with 'model', "
-                         f"'ema' and 'args') nor a state dict of tensors")
+                                f"'ema' and 'args') nor a state dict of tensors")
     if not _is_state_dict(state):
         raise InvalidValueError("path: the checkpoint's weights are not a dict of tensors")
     model = create_model(name, **{**config, **overrides})
@@ -130,8 +132,8 @@ def load_official_checkpoint(path: str | os.PathLike, name: str | None = None, *
     wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
     if missing or unexpected or wrong:
         raise InvalidValueError(f"path: the weights do not fit {name} with {config or overrides}: "
-                         f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                         f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}, "
-                         f"wrong shape {wrong[:5]}{'...' if len(wrong) > 5 else ''}")
+                                f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                                f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}, "
+                                f"wrong shape {wrong[:5]}{'...' if len(wrong) > 5 else ''}")
     model.load_state_dict(state)
     return model.eval()

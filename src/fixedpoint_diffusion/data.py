@@ -112,7 +112,7 @@ def _scan_image_folder(root: str | os.PathLike) -> tuple[list[str], list[tuple[s
         items = [(p.name, 0) for p in sorted(root.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS]
     if not items:
         raise InvalidValueError(f"image folder {str(root)!r} holds no images ({', '.join(IMAGE_EXTENSIONS)}), neither "
-                         f"directly nor in class sub-folders")
+                                f"directly nor in class sub-folders")
     return classes, items
 
 
@@ -197,16 +197,17 @@ class LatentDataset(Dataset):
             latents_path, labels_path = self.root / shard["latents"], self.root / shard["labels"]
             for path in (latents_path, labels_path):
                 if not path.is_file():
-                    raise InvalidValueError(f"latent folder {str(root)!r}: shard file {path.name!r} is missing (did every "
-                                     f"rank of `fpdm extract-latents` finish?)")
+                    raise InvalidValueError(f"latent folder {str(root)!r}: shard file {path.name!r} is missing (did "
+                                            f"every rank of `fpdm extract-latents` finish?)")
             latents = np.load(latents_path, mmap_mode="r")
             labels = np.load(labels_path)
             if latents.ndim != 4 or tuple(latents.shape[1:]) != self.latent_shape:
                 raise InvalidValueError(f"latent folder {str(root)!r}: {latents_path.name} holds latents of shape "
-                                 f"{tuple(latents.shape)}, expected (N, {', '.join(map(str, self.latent_shape))})")
+                                        f"{tuple(latents.shape)}, expected "
+                                        f"(N, {', '.join(map(str, self.latent_shape))})")
             if latents.shape[0] != shard["count"] or labels.shape != (shard["count"],):
-                raise InvalidValueError(f"latent folder {str(root)!r}: {latents_path.name} holds {latents.shape[0]} latents "
-                                 f"and {labels.shape[0]} labels, the manifest says {shard['count']}")
+                raise InvalidValueError(f"latent folder {str(root)!r}: {latents_path.name} holds {latents.shape[0]} "
+                                        f"latents and {labels.shape[0]} labels, the manifest says {shard['count']}")
             self._latents.append(latents)
             self._labels.append(labels)
         self._offsets = np.cumsum([0] + [a.shape[0] for a in self._latents])

@@ -112,13 +112,14 @@ class DemoSettings:
         """Raise ``ValueError`` naming the first bad field."""
         if not (isinstance(self.num_samples, int) and not isinstance(self.num_samples, bool)
                 and self.num_samples >= 16):
-            raise InvalidValueError(f"num_samples must be an int >= 16 (two per class at least), got {self.num_samples!r}")
+            raise InvalidValueError(f"num_samples must be an int >= 16 (two per class at least), got "
+                                    f"{self.num_samples!r}")
         if not (isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0):
             raise InvalidValueError(f"seed must be an int >= 0, got {self.seed!r}")
         if not (isinstance(self.train_macs, (int, float)) and not isinstance(self.train_macs, bool)
                 and math.isfinite(self.train_macs) and self.train_macs >= 0):
             raise InvalidValueError(f"train_macs must be a finite number >= 0 (0: no training part), got "
-                             f"{self.train_macs!r}")
+                                    f"{self.train_macs!r}")
         if not (isinstance(self.guidance_scale, (int, float)) and math.isfinite(self.guidance_scale)
                 and self.guidance_scale >= 1):
             raise InvalidValueError(f"guidance_scale must be a finite number >= 1, got {self.guidance_scale!r}")
@@ -130,7 +131,8 @@ class DemoSettings:
         if not self.budgets or not self.iters:
             raise InvalidValueError("budgets and iters must not be empty")
         if 2 not in self.iters and (self.allocation_budgets or self.guidance_budgets):
-            raise InvalidValueError("allocation_budgets and guidance_budgets sample FPDM at k = 2, so iters must hold 2")
+            raise InvalidValueError("allocation_budgets and guidance_budgets sample FPDM at k = 2, so iters must "
+                                    "hold 2")
 
     def settings(self) -> list[Setting]:
         """Part 1's sampling settings, cheapest budget first; FPDM settings that would get no timestep (``k``

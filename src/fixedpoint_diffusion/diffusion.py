@@ -96,14 +96,15 @@ class Diffusion(ConfigMixin):
         if not (isinstance(num_timesteps, int) and num_timesteps >= 2):
             raise InvalidValueError(f"num_timesteps must be an int >= 2, got {num_timesteps!r}")
         if not (0 < beta_start < beta_end < 1):
-            raise InvalidValueError(f"need 0 < beta_start < beta_end < 1, got beta_start={beta_start}, beta_end={beta_end}")
+            raise InvalidValueError(f"need 0 < beta_start < beta_end < 1, got beta_start={beta_start}, "
+                                    f"beta_end={beta_end}")
         if prediction not in ("v", "epsilon"):
             raise InvalidValueError(f"prediction must be one of ['epsilon', 'v'], got {prediction!r}")
         if mean_loss not in ("mse", "official_x0_snr"):
             raise InvalidValueError(f"mean_loss must be one of ['mse', 'official_x0_snr'], got {mean_loss!r}")
         if zero_terminal_snr and prediction == "epsilon":
-            raise InvalidValueError("zero_terminal_snr=True needs prediction='v': at zero SNR, x_t carries no signal and an "
-                             "epsilon prediction cannot recover x0")
+            raise InvalidValueError("zero_terminal_snr=True needs prediction='v': at zero SNR, x_t carries no signal "
+                                    "and an epsilon prediction cannot recover x0")
         self.num_timesteps = num_timesteps
         self.beta_start, self.beta_end, self.zero_terminal_snr = beta_start, beta_end, zero_terminal_snr
         self.prediction = prediction
@@ -236,7 +237,7 @@ class Diffusion(ConfigMixin):
         if drop is not None:
             if drop.shape != (batch,) or drop.dtype != torch.bool:
                 raise InvalidValueError(f"drop_labels must be a bool tensor of shape ({batch},), got "
-                                 f"{drop.dtype} {tuple(drop.shape)}")
+                                        f"{drop.dtype} {tuple(drop.shape)}")
         elif class_dropout > 0:
             drop = (torch.rand(batch, generator=generator, device=draw_device) < class_dropout).to(device)
         x_t = self.q_sample(x0, t, eps)
@@ -245,7 +246,7 @@ class Diffusion(ConfigMixin):
         if self.learn_sigma:
             if output.out.shape[1] != 2 * channels:
                 raise InvalidValueError(f"learn_sigma needs a model with {2 * channels} output channels, got "
-                                 f"{output.out.shape[1]}")
+                                        f"{output.out.shape[1]}")
             pred, var_values = output.out[:, :channels], output.out[:, channels:]
         else:
             pred, var_values = output.out, None

@@ -1,9 +1,9 @@
 """The project's own input errors: a bad config, option, path or file from the user.
 
 Each is also the built-in exception Python code expects (``ValueError``, ``TypeError``, ``FileNotFoundError``,
-``FileExistsError``, ``PermissionError``), so ``except ValueError`` keeps working; all share the base :class:`InputError`, which the
-``fpdm`` command prints as one line with exit code 2. Any other exception is a bug (or the machine's) and keeps its
-traceback.
+``FileExistsError``, ``PermissionError``), so ``except ValueError`` keeps working; all share the base
+:class:`InputError`, which the ``fpdm`` command prints as one line with exit code 2. Any other exception is a bug
+(or the machine's) and keeps its traceback.
 """
 
 from __future__ import annotations

@@ -94,13 +94,15 @@ class FeatureStats:
         """Read statistics written by :meth:`save` or by pytorch-fid (``num`` is then unknown, -1)."""
         with np.load(path) as f:
             if "mu" not in f or "sigma" not in f:
-                raise InvalidValueError(f"{path}: a statistics file needs arrays 'mu' and 'sigma', found {sorted(f.files)}")
+                raise InvalidValueError(f"{path}: a statistics file needs arrays 'mu' and 'sigma', found "
+                                        f"{sorted(f.files)}")
             stats = cls(f["mu"].astype(np.float64), f["sigma"].astype(np.float64),
                         int(f["num"]) if "num" in f else -1)
         if not (np.isfinite(stats.mu).all() and np.isfinite(stats.sigma).all()):
             raise InvalidValueError(f"{path}: the statistics hold non-finite values")
         if stats.mu.ndim != 1 or stats.sigma.shape != (stats.mu.shape[0],) * 2:
-            raise InvalidValueError(f"{path}: mu must be (D,) and sigma (D, D), got {stats.mu.shape} and {stats.sigma.shape}")
+            raise InvalidValueError(f"{path}: mu must be (D,) and sigma (D, D), got {stats.mu.shape} and "
+                                    f"{stats.sigma.shape}")
         return stats
 
 
@@ -207,13 +209,13 @@ def load_images(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None]
                 raise InvalidValueError(f"{file}: not a readable image ({str(err).splitlines()[0]})") from None
             if arrays[-1].shape != arrays[0].shape:
                 raise InvalidValueError(f"{file}: size {arrays[-1].shape[:2]} differs from {files[0]}'s "
-                                 f"{arrays[0].shape[:2]}; all images must have the same size")
+                                        f"{arrays[0].shape[:2]}; all images must have the same size")
         return np.stack(arrays), None
     try:
         with open(path, "rb") as fh, np.load(fh) as f:  # our handle: closed even when numpy's zip reader fails
             if "arr_0" not in f:
                 raise InvalidValueError(f"{path}: an image .npz needs 'arr_0' (uint8 N x H x W x 3), found "
-                                 f"{sorted(f.files)}")
+                                        f"{sorted(f.files)}")
             images, labels = f["arr_0"], f.get("arr_1")
     except InputError:
         raise
@@ -222,7 +224,8 @@ def load_images(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None]
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise InvalidValueError(f"{path}: arr_0 must be uint8 of shape (N, H, W, 3), got {images.dtype} {images.shape}")
     if labels is not None and (labels.ndim != 1 or len(labels) != len(images)):
-        raise InvalidValueError(f"{path}: arr_1 must hold one label per image ({len(images)}), got shape {labels.shape}")
+        raise InvalidValueError(f"{path}: arr_1 must hold one label per image ({len(images)}), got shape "
+                                f"{labels.shape}")
     return images, labels
 
 
@@ -298,7 +301,7 @@ def evaluate(first: str, second: str | None, *, inception: str | None = None, pr
     """
     if (inception is None) == (classifier is None):
         raise InvalidValueError("give exactly one of --inception (FID on Inception features) and --classifier "
-                         "(the small Shapes classifier)")
+                                "(the small Shapes classifier)")
     if second is None and save_stats is None:
         raise InvalidValueError("give a second image set to compare with, or --save-stats to only write statistics")
     for name, value in (("batch_size", batch_size), ("kid_subsets", kid_subsets),

@@ -263,7 +263,7 @@ def resize_bilinear_tf1(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """
     if x.dim() != 4 or not x.is_floating_point():
         raise InvalidValueError(f"resize_bilinear_tf1 expects a floating-point (N, C, H, W) tensor, got {x.dtype} "
-                         f"of shape {tuple(x.shape)}")
+                                f"of shape {tuple(x.shape)}")
     out_h, out_w = (int(s) for s in size)
     in_h, in_w = x.shape[-2:]
     if (out_h, out_w) == (in_h, in_w):
@@ -442,17 +442,17 @@ def load_inception(path: str | os.PathLike, device: torch.device | str | None = 
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise InvalidValueError(f"{path}: cannot be read as a PyTorch state dict "
-                         f"(torch.load(weights_only=True) failed: {err})") from err
+                                f"(torch.load(weights_only=True) failed: {err})") from err
     if not isinstance(state_dict, Mapping) or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state_dict.items()):
         raise InvalidValueError(f"{path}: expected a state dict (a mapping of parameter names to tensors), got a "
-                         f"{type(state_dict).__name__} that is not one")
+                                f"{type(state_dict).__name__} that is not one")
     state_dict = normalise_state_dict(state_dict)
     model = InceptionV3Features(preprocess=preprocess)
     problem = _mismatch_report(model, state_dict)
     if problem is not None:
-        raise InvalidValueError(f"{path}: not an FID Inception-v3 state dict (neither pytorch-fid's nor torch-fidelity's "
-                         f"format): {problem}")
+        raise InvalidValueError(f"{path}: not an FID Inception-v3 state dict (neither pytorch-fid's nor "
+                                f"torch-fidelity's format): {problem}")
     model.load_state_dict(state_dict)
     model.eval().requires_grad_(False)
     if device is not None:
@@ -474,7 +474,7 @@ def inception_features(model: nn.Module, images: np.ndarray | torch.Tensor, batc
     if isinstance(images, np.ndarray):
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
             raise InvalidValueError(f"expected a uint8 numpy array of shape (N, H, W, 3), got {images.dtype} "
-                             f"{images.shape}")
+                                    f"{images.shape}")
     elif isinstance(images, torch.Tensor):
         _check_images(images)
     else:

@@ -156,8 +156,8 @@ def convert_legacy_fpdm_config(config: Mapping[str, Any]) -> dict[str, Any]:
         out["backward"] = {"name": backward}  # the old ranges and steps did not apply to it
     else:
         raise InvalidValueError(f"{sorted(legacy)} are the old flat backward options; give them inside backward "
-                         f"(e.g. backward={{'name': 'stochastic_jfb', 'max_no_grad': 10, ...}}), not next to "
-                         f"backward={backward!r}")
+                                f"(e.g. backward={{'name': 'stochastic_jfb', 'max_no_grad': 10, ...}}), not next to "
+                                f"backward={backward!r}")
     for key in ("solver", "backward"):
         if key in out:
             out[key] = _option_to_config(_option_from_config(out[key], key), key)

@@ -52,8 +52,9 @@ def _key_from_seed(seed: int) -> tuple[int, int]:
 def _philox4x32_10(c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor | int, c3: torch.Tensor | int, k0: int,
                    k1: int) -> torch.Tensor:
     """Philox4x32-10 of counters ``(c0, c1, c2, c3)`` (int64 tensors of uint32 values, broadcastable to one shape
-    S, all on ``c0``'s device; ``c2`` and ``c3`` may be Python ints, filled in without a host-to-device copy) under the key ``(k0, k1)``; returns the four output words as one (4, *S) int64 tensor of
-    uint32 values. The inputs are not modified.
+    S, all on ``c0``'s device; ``c2`` and ``c3`` may be Python ints, filled in without a host-to-device copy)
+    under the key ``(k0, k1)``; returns the four output words as one (4, *S) int64 tensor of uint32 values. The
+    inputs are not modified.
 
     Each round (Salmon et al. 2011, sec. 3.3): ``(hi0, lo0) = M0 * c0``, ``(hi1, lo1) = M1 * c2``,
     ``c <- (hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0)``; the key is bumped by the Weyl constants between rounds.
@@ -100,10 +101,10 @@ def _philox4x32_10(c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor | int, c
 
 def _uniform(x: torch.Tensor) -> torch.Tensor:
     """Uniforms in the open interval (0, 1) from uint32 words (int64 ``x``, overwritten): the top 23 bits at the
-    centre of their cell, ``((x >> 9) + 0.5) * 2**-23``. A cell centre needs one bit more than the index, and float32 holds 24, so every
-    value is exact (with 24 bits the top cell's centre rounds up to 1.0). Never 0, so ``log`` in Box-Muller is
-    finite, and never 1. The smallest value, 2**-24, caps ``|z|`` at ``sqrt(48 ln 2)`` = 5.77, which a standard
-    normal exceeds with probability 8e-9."""
+    centre of their cell, ``((x >> 9) + 0.5) * 2**-23``. A cell centre needs one bit more than the index, and
+    float32 holds 24, so every value is exact (with 24 bits the top cell's centre rounds up to 1.0). Never 0, so
+    ``log`` in Box-Muller is finite, and never 1. The smallest value, 2**-24, caps ``|z|`` at
+    ``sqrt(48 ln 2)`` = 5.77, which a standard normal exceeds with probability 8e-9."""
     x >>= 9  # in place: a fresh int64 tensor costs more than the shift
     return x.to(torch.float32).add_(0.5).mul_(2.0**-23)
 

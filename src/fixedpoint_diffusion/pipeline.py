@@ -122,7 +122,8 @@ class FPDMPipeline(DiffusionPipeline):
                  num_inference_steps: int | None = None, guidance_scale: float = 1.0,
                  generator: torch.Generator | None = None, output_type: str = "pil", return_dict: bool = True,
                  num_samples: int | None = None, budget: int | None = None,
-                 iterations_per_timestep: int | None = None, seed: int | None = None, **sampling: Any) -> FPDMPipelineOutput | tuple:
+                 iterations_per_timestep: int | None = None, seed: int | None = None,
+                 **sampling: Any) -> FPDMPipelineOutput | tuple:
         """Sample and decode, with diffusers' argument names.
 
         Args:

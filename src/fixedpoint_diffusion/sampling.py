@@ -9,8 +9,9 @@ the chain, so it does not change the block-pass count; the multiply-accumulates 
 really computed, guidance included.
 
 Determinism: every sample ``i`` draws its initial noise and its DDPM noise from its own generator seeded by
-``(seed, i)``, so a sample does not depend on which other samples share its batch's random draws; with the same
-batches (see :func:`batches_for_rank`), sharding a job over processes gives bit-identical images.
+``(seed, i)`` (or, with ``noise="counter"``, from a counter-based generator keyed by ``(seed, i, step)``), so a
+sample does not depend on which other samples share its batch; with the same batches (see
+:func:`batches_for_rank`), sharding a job over processes gives bit-identical images.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from .budget import (
     DEFAULT_ITERATIONS_PER_TIMESTEP,
     DEFAULT_NUM_TIMESTEPS,
     Schedule,
-    _is_fixed_point_model,
     fill_schedule_defaults,
+    is_fixed_point_model,
     plan,
     spaced_timesteps,
 )
@@ -86,6 +87,7 @@ class Denoiser(Protocol):
     explicit_passes: int | None
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor, **kwargs: Any) -> DenoiserOutput: ...
+
 
 def batches_for_rank(num_samples: int, batch_size: int, rank: int = 0, world_size: int = 1) -> list[range]:
     """Sample-index ranges (batches) that process ``rank`` of ``world_size`` generates: the job is cut into
@@ -166,16 +168,16 @@ def _ddim_step(diffusion: Diffusion, pred: torch.Tensor, x: torch.Tensor, t: int
     return out
 
 
-def _ddpm_step(ddpm: Any, pred: torch.Tensor, x: torch.Tensor, t: int, noise: torch.Tensor) -> torch.Tensor:
+def _ddpm_step(ddpm: Any, acp: torch.Tensor, pred: torch.Tensor, x: torch.Tensor, t: int,
+               noise: torch.Tensor) -> torch.Tensor:
     """diffusers' ``DDPMScheduler.step`` (the configurations :func:`scheduler_from_diffusion` makes:
     learned-range or fixed-small variance, v or epsilon prediction, no clipping) with the noise given instead of
-    drawn from generators, on the scheduler's own tables; ``tests/test_sampling.py`` checks it against diffusers'
-    step with the same noise."""
+    drawn from generators, on the scheduler's tables ``acp`` (its ``alphas_cumprod``, moved to the device once by
+    the caller); ``tests/test_sampling.py`` checks it against diffusers' step with the same noise."""
     channels = x.shape[1]
     learned = pred.shape[1] == 2 * channels and ddpm.config.variance_type == "learned_range"
-    out, log_var_frac = (pred[:, :channels], pred[:, channels:]) if learned else (pred[:, :channels], None)
+    out = pred[:, :channels]
     prev_t = ddpm.previous_timestep(t)
-    acp = ddpm.alphas_cumprod.to(x.device)
     a_t = acp[t]
     a_prev = acp[prev_t] if prev_t >= 0 else torch.ones((), device=x.device)
     alpha_t, beta_t = a_t / a_prev, 1 - a_t / a_prev
@@ -188,7 +190,7 @@ def _ddpm_step(ddpm: Any, pred: torch.Tensor, x: torch.Tensor, t: int, noise: to
         return mean
     variance = ((1 - a_prev) / (1 - a_t) * beta_t).clamp(min=1e-20)
     if learned:
-        frac = (log_var_frac + 1) / 2
+        frac = (pred[:, channels:] + 1) / 2
         return mean + torch.exp(0.5 * (frac * beta_t.log() + (1 - frac) * variance.log())) * noise
     return mean + variance.sqrt() * noise
 
@@ -261,21 +263,21 @@ def sample(model: Denoiser, class_labels: torch.Tensor | Sequence[int] | None, *
     """
     diffusion = diffusion or Diffusion()
     cfg = getattr(model, "config", None)
-    fixed_point = _is_fixed_point_model(model)
+    fixed_point = is_fixed_point_model(model)
     if schedule is None:
         schedule = plan(model, budget=budget, iterations_per_timestep=iterations_per_timestep,
                         num_timesteps=num_timesteps, allocation=allocation, ratio=ratio, tol=tol,
                         num_train_timesteps=diffusion.num_timesteps)
     if schedule.iterations is not None and not fixed_point:
         raise InvalidValueError("the schedule has fixed-point iterations but the model is not a fixed-point model "
-                         "(is_fixed_point)")
+                                "(is_fixed_point)")
     check_sampling_options(sampler=sampler, eta=eta, guidance_scale=guidance_scale,
                            guidance_channels=guidance_channels, seed=seed, noise=noise)
     if device is not None:
         device = torch.device(device)
         if device.type == "meta" or (device.type == "cuda" and not torch.cuda.is_available()):
             raise InvalidValueError(f"device {str(device)!r} cannot run sampling"
-                             + (" (CUDA is not available)" if device.type == "cuda" else ""))
+                                    + (" (CUDA is not available)" if device.type == "cuda" else ""))
     num_classes = getattr(cfg, "num_classes", None)
     if device is None:
         param = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
@@ -297,8 +299,9 @@ def sample(model: Denoiser, class_labels: torch.Tensor | Sequence[int] | None, *
             raise InvalidValueError(f"class_labels must be in [0, {num_classes}), got values in "
                              f"[{int(labels.min())}, {int(labels.max())}]")
     if guidance_scale != 1.0 and (class_labels is None or num_classes is None or num_classes < 2):
-        raise InvalidValueError(f"guidance_scale={guidance_scale} needs a class-conditional model (config.num_classes >= 2 "
-                         f"with a trained null class) and class_labels")
+        raise InvalidValueError(f"guidance_scale={guidance_scale} needs a class-conditional model "
+                                f"(config.num_classes >= 2 "
+                                f"with a trained null class) and class_labels")
     if compile is None:
         compile = device.type == "cuda"
     elif not isinstance(compile, bool):
@@ -328,6 +331,7 @@ def sample(model: Denoiser, class_labels: torch.Tensor | Sequence[int] | None, *
     ddpm = scheduler_from_diffusion(diffusion, learned_sigma) if sampler == "ddpm" else None
     if ddpm is not None:
         ddpm.set_timesteps(timesteps=list(schedule.timesteps), device=device)
+        ddpm_acp = ddpm.alphas_cumprod.to(device)  # the counter path's own step reads the tables on the device
 
     from tqdm.auto import tqdm
 
@@ -379,7 +383,7 @@ def sample(model: Denoiser, class_labels: torch.Tensor | Sequence[int] | None, *
             if gens is not None:
                 x = ddpm.step(pred, t, x, generator=gens).prev_sample
             else:
-                x = _ddpm_step(ddpm, pred, x, t, draw(i + 1).to(x.dtype))
+                x = _ddpm_step(ddpm, ddpm_acp, pred, x, t, draw(i + 1).to(x.dtype))
         else:
             step_noise = None
             if eta > 0 and t_prev >= 0:

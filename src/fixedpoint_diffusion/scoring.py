@@ -62,7 +62,7 @@ class Setting:
                 raise InvalidValueError(f"Setting: {name} must be an int >= 1, got {value!r}")
         if self.allocation not in ("constant", "increasing", "decreasing"):
             raise InvalidValueError(f"Setting: allocation must be 'constant', 'increasing' or 'decreasing', got "
-                             f"{self.allocation!r}")
+                                    f"{self.allocation!r}")
         if not (isinstance(self.guidance_scale, (int, float)) and math.isfinite(self.guidance_scale)):
             raise InvalidValueError(f"Setting: guidance_scale must be a finite number, got {self.guidance_scale!r}")
 

@@ -219,7 +219,7 @@ class Trainer:
             raise InvalidValueError("dataset must have an int num_classes attribute")
         if len(self.dataset) < tr.global_batch_size:
             raise InvalidValueError(f"the dataset has {len(self.dataset)} samples, fewer than one global batch "
-                             f"(train.global_batch_size={tr.global_batch_size})")
+                                    f"(train.global_batch_size={tr.global_batch_size})")
         x, _ = self.dataset[0]
         m = config.model
         self.model = self._build_model()
@@ -233,14 +233,14 @@ class Trainer:
                                     f"{hint}")
         if self.dataset.num_classes > mc.num_classes:
             raise InvalidValueError(f"the dataset has {self.dataset.num_classes} classes but model.num_classes="
-                             f"{mc.num_classes}")
+                                    f"{mc.num_classes}")
 
         # An existing run is only continued on request, and only with the same model.
         self.checkpoint_path = self.run_folder.latest_checkpoint()
         if self.checkpoint_path is not None and not resume:
             raise OutputExistsError(f"{self.out_dir} already holds checkpoints (newest: {self.checkpoint_path.name}); "
-                                  f"pass --resume (resume=True) to continue that run, or choose another "
-                                  f"train.out_dir")
+                                    f"pass --resume (resume=True) to continue that run, or choose another "
+                                    f"train.out_dir")
         self.checkpoint = None
         if self.checkpoint_path is not None:
             self.checkpoint_path, self.checkpoint = self.run_folder.newest_readable_checkpoint(
@@ -268,7 +268,7 @@ class Trainer:
         saved_diffusion = ckpt.get("config", {}).get("diffusion")
         if saved_diffusion is not None and saved_diffusion != self.config.to_dict()["diffusion"]:
             raise InvalidValueError(f"checkpoint {self.checkpoint_path} was trained with diffusion settings "
-                             f"{saved_diffusion}, the config says {self.config.to_dict()['diffusion']}")
+                                    f"{saved_diffusion}, the config says {self.config.to_dict()['diffusion']}")
 
     def setup(self) -> None:
         """Move the model to the device, build the EMA, the diffusion, the objective (DDP-wrapped under torchrun)
