@@ -465,3 +465,15 @@ def test_fpdm_sample_noise_counter_is_batch_independent(tmp_path):
     assert not np.array_equal(arrays[1], arrays[2])  # the default generator noise gives other images
     diag = json.loads((tmp_path / "a" / "diagnostics.json").read_text())
     assert diag["settings"]["noise"] == "counter"
+
+
+def test_sample_to_folder_refuses_bad_options_before_clearing_earlier_results(tmp_path):
+    model = _tiny_fpdm()
+    schedule = fd.plan(model, budget=8, iterations_per_timestep=2)
+    fd.sample_to_folder(model, fd.Diffusion(), schedule, tmp_path, num_samples=2, progress=False)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    for bad in ({"classes": [9]}, {"eta": -1.0, "sampler": "ddim"}, {"noise": "philox"}):
+        with pytest.raises(ValueError, match="classes|eta|noise"):
+            fd.sample_to_folder(model, fd.Diffusion(), schedule, tmp_path, num_samples=2, overwrite=True,
+                                progress=False, **bad)
+        assert sorted(p.name for p in tmp_path.rglob("*")) == before

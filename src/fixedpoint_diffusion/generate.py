@@ -99,6 +99,7 @@ def sample_to_folder(model: torch.nn.Module, diffusion: Diffusion, schedule: Sch
         check_int(value, name, 1, error=InvalidValueError)
     check_sampling_options(sampler=sampler, eta=eta, guidance_scale=guidance_scale,
                            guidance_channels=guidance_channels, seed=seed, noise=noise)  # before anything is cleared
+    sample_labels(model.config.num_classes, range(1), classes=classes)  # bad classes refused now, too
     out = Path(out)
     check_output_folder(out, overwrite=overwrite)
     world = world_size()
