@@ -125,15 +125,16 @@ class RunFolder:
 
     def repair(self, step: int | None) -> bool:
         """Undo what a kill can leave behind before a run continues from checkpoint ``step`` (``None``: a fresh
-        run): temporaries of checkpoint and EMA writes, and log lines of the steps after that checkpoint (they
-        are trained again). Returns whether ``ema/`` must be written again (older than the checkpoint, or missing
-        after a kill between the two renames that swap it)."""
+        run): temporaries of checkpoint and EMA writes, an ``ema.old`` a swap left, and log lines of the steps
+        after that checkpoint (they are trained again). Returns whether ``ema/`` must be written again (older than
+        the checkpoint, or missing after a kill between the two renames that swap it)."""
         if self.checkpoints.is_dir():
             for tmp in self.checkpoints.glob("step-*.pt.tmp*"):
                 tmp.unlink()
         shutil.rmtree(self.path / "ema.tmp", ignore_errors=True)
         if step is None:
             return False
+        shutil.rmtree(self.path / "ema.old", ignore_errors=True)
         stale_ema = self.ema_step() != step
         if self.log_file.is_file():
             lines = self.log_file.read_text().splitlines()
@@ -141,9 +142,6 @@ class RunFolder:
             if len(kept) != len(lines):
                 write_text_atomic(self.log_file, "".join(line + "\n" for line in kept))
         return stale_ema
-
-    def remove_stale_ema(self) -> None:
-        shutil.rmtree(self.path / "ema.old", ignore_errors=True)
 
     def _checkpoint_files(self) -> list[Path]:
         if not self.checkpoints.is_dir():

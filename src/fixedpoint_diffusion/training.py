@@ -442,8 +442,6 @@ class Trainer:
             resumed = self.step if self.checkpoint_path is not None else None
             if self.run_folder.repair(resumed):
                 self._save_ema()
-            if resumed is not None:
-                self.run_folder.remove_stale_ema()
         log = open(self.run_folder.log_file, "a") if is_main else None  # noqa: SIM115 - closed in finally
         board = Tracker.open(self.config, self.out_dir) if is_main else None
         sampler = _StepBatches(len(self.dataset), tr.global_batch_size, self.rank, self.world, tr.seed, start,
