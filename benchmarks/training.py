@@ -35,6 +35,7 @@ import torch
 
 import _common
 import fixedpoint_diffusion as fd
+from fixedpoint_diffusion.training import fetch_batch
 
 
 class RandomLatents(torch.utils.data.Dataset):
@@ -79,7 +80,7 @@ def bench_model(name: str, args, device: torch.device) -> dict:
         model = trainer.model
 
         def batch(i):
-            return data.__getitems__(list(range(i * args.batch, (i + 1) * args.batch)))
+            return fetch_batch(data, range(i * args.batch, (i + 1) * args.batch))
 
         for i in range(args.warmup):
             trainer.train_step(*batch(i), i)

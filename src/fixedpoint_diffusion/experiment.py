@@ -36,7 +36,7 @@ from .evaluation import HELD_OUT_SEED
 from .models import create_model
 from .runs import latest_checkpoint
 from .scoring import Scorer, Setting, bootstrap, paired_difference, score_settings
-from .training import Trainer, TrainState, TrainSummary
+from .training import Trainer, TrainState, TrainSummary, fetch_batch
 
 __all__ = ["HELD_OUT_SEED", "MICRO_MODEL", "Scorer", "Setting", "bootstrap", "calibrate", "paired_difference",
            "score_settings", "train_equal_compute", "train_for", "training_steps"]
@@ -67,7 +67,7 @@ def calibrate(configs: Mapping[str, Config], *, steps: int = 6, rounds: int = 3,
     for r in range(rounds + 1):
         for name, trainer in trainers.items():
             n = 1 if r == 0 else steps  # round 0 warms up every config
-            batches = [_batch(trainer.dataset, range(i * G[name], (i + 1) * G[name])) for i in range(n)]
+            batches = [fetch_batch(trainer.dataset, range(i * G[name], (i + 1) * G[name])) for i in range(n)]
             sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
             sync()
             start = time.perf_counter()
@@ -77,14 +77,6 @@ def calibrate(configs: Mapping[str, Config], *, steps: int = 6, rounds: int = 3,
             if r:
                 best[name] = min(best[name], (time.perf_counter() - start) / n)
     return best
-
-
-def _batch(dataset: Any, indices: range) -> tuple[torch.Tensor, torch.Tensor]:
-    indices = [i % len(dataset) for i in indices]
-    if hasattr(dataset, "__getitems__"):
-        return dataset.__getitems__(indices)
-    items = [dataset[i] for i in indices]
-    return torch.stack([x for x, _ in items]), torch.as_tensor([y for _, y in items])
 
 
 @dataclass

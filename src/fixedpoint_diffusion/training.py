@@ -55,7 +55,7 @@ from .models import FPDM, DiT, convert_legacy_fpdm_config, create_model
 from .runs import RunFolder, model_signature
 from .trackers import Tracker, check_tracker
 
-__all__ = ["Objective", "TrainState", "TrainSummary", "Trainer", "build_dataset", "train"]
+__all__ = ["Objective", "TrainState", "TrainSummary", "Trainer", "build_dataset", "fetch_batch", "train"]
 
 
 @dataclass
@@ -143,6 +143,14 @@ def _as_batch(batch):
         xs, ys = zip(*batch)
         return torch.stack(xs), torch.as_tensor(ys)
     return batch
+
+
+def fetch_batch(dataset: Dataset, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, y)`` of ``dataset`` at ``indices`` (taken modulo its length), as the trainer's loader builds it."""
+    indices = [i % len(dataset) for i in indices]
+    if hasattr(dataset, "__getitems__"):
+        return dataset.__getitems__(indices)
+    return _as_batch([dataset[i] for i in indices])
 
 
 class Objective(nn.Module):
